@@ -1,0 +1,313 @@
+"""Megatron-Bridge backend: `megatron.bridge.training.pretrain.pretrain` in-process with Bridge's GPT step.
+
+The ConfigContainer is built directly in Python (the shape of Bridge's `vanilla_gpt_pretrain_config`), from the
+same megatron-core field values the MLM adapter turns into flags, then passed through Bridge's own
+`runtime_config_update` (mixed-precision resolution and validation). A fresh container is built for every run:
+Bridge's setup mutates it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+from unified_train import compat, mcore_fields
+from unified_train.backends import common
+
+name = "bridge"
+
+_PRECISION_PRESET = {"bf16": "bf16_mixed", "fp16": "fp16_mixed", "fp32": None}
+
+
+@dataclass
+class Native:
+    container: object  # megatron.bridge.training.config.ConfigContainer, after runtime_config_update
+    world_size: int
+    overrides: list[str]
+
+
+class _SpecView:
+    """Presents a Bridge provider as the GPTModelConfig MLM's spec selection reads."""
+
+    restore_modelopt_state = False
+    use_arbitrary_attention_mask = None
+    use_transformer_engine_op_fuser = False
+
+    def __init__(self, transformer):
+        self.transformer = transformer
+
+
+def layer_spec(config, vp_stage=None):
+    """MLM's own layer-spec selection (TE or local, dense or MoE block, MLA), so both stacks build the same
+    modules. Bridge's `local_layer_spec` ignores MLA and the dense/MoE layer pattern."""
+    from megatron.training.models.gpt import default_layer_spec
+
+    return default_layer_spec(_SpecView(config), vp_stage)
+
+
+def _model_provider(cfg):
+    import torch.nn.functional as F
+    from megatron.bridge.models.gpt_provider import GPTModelProvider
+    from megatron.bridge.models.mla_provider import MLAModelProvider
+
+    fields = mcore_fields.transformer(cfg)
+    fields["activation_func"] = {"gelu": F.gelu, "silu": F.silu}[fields.pop("activation")]
+    vpp = fields.pop("virtual_pipeline_model_parallel_size")
+    gpt = mcore_fields.gpt(cfg)
+    gpt.pop("vocab_size")  # Bridge takes it from the tokenizer and pads it like MLM (calculate_padded_vocab_size)
+    cls = MLAModelProvider if fields.get("multi_latent_attention") else GPTModelProvider
+    provider = cls(**fields, **gpt, virtual_pipeline_model_parallel_size=vpp)
+    provider.transformer_layer_spec = layer_spec
+    return provider
+
+
+def build_container(cfg, run_dir: str | None):
+    """A ConfigContainer equivalent to the unified config (before runtime_config_update)."""
+    from megatron.bridge.training.config import (
+        CheckpointConfig,
+        ConfigContainer,
+        DistributedInitConfig,
+        GPTDatasetConfig,
+        LoggerConfig,
+        OptimizerConfig,
+        RNGConfig,
+        SchedulerConfig,
+        TokenizerConfig,
+        TrainingConfig,
+        ValidationConfig,
+    )
+    from megatron.core.datasets.utils import get_blend_from_list
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    data = mcore_fields.dataset(cfg)
+    blend = None if data["mock"] else get_blend_from_list([t for e in data["data_path"] for t in e.split()])
+    optim = mcore_fields.optimizer(cfg)
+    dtype = cfg.precision.dtype
+    tok = mcore_fields.tokenizer(cfg)
+    save = os.path.join(run_dir, "checkpoints") if (run_dir and cfg.checkpoint.save) else None
+    container = ConfigContainer(
+        model=_model_provider(cfg),
+        train=TrainingConfig(**mcore_fields.training(cfg)),
+        validation=ValidationConfig(**mcore_fields.validation(cfg)),
+        optimizer=OptimizerConfig(**optim, bf16=dtype == "bf16", fp16=dtype == "fp16"),
+        scheduler=SchedulerConfig(**mcore_fields.scheduler(cfg)),
+        ddp=DistributedDataParallelConfig(**mcore_fields.ddp(cfg)),
+        dataset=GPTDatasetConfig(
+            random_seed=data["random_seed"],
+            seq_length=data["sequence_length"],
+            blend=blend,
+            blend_per_split=None,
+            split=data["split"],
+            dataloader_type="single",
+            num_workers=data["num_workers"],
+            reset_position_ids=data["reset_position_ids"],
+            reset_attention_mask=data["reset_attention_mask"],
+            eod_mask_loss=data["eod_mask_loss"],
+            # Bridge's GPT step drops the dataloader mask anyway (skip_getting_attention_mask_from_dataset).
+            create_attention_mask=False,
+        ),
+        logger=LoggerConfig(
+            log_interval=cfg.logger.log_interval,
+            tensorboard_dir=os.path.join(run_dir, "tensorboard") if (run_dir and cfg.logger.tensorboard) else None,
+            filter_warnings=False,  # the default filter silences WARNING on every existing logger, ours too
+        ),
+        tokenizer=TokenizerConfig(tokenizer_type=tok["tokenizer_type"], vocab_size=tok["vocab_size"],
+                                  tokenizer_model=tok["tokenizer_model"]),
+        checkpoint=CheckpointConfig(save=save, save_interval=cfg.checkpoint.save_interval or cfg.train.iters,
+                                    ckpt_format=cfg.checkpoint.format, load=cfg.checkpoint.load),
+        rng=RNGConfig(**mcore_fields.rng(cfg)),
+        dist=DistributedInitConfig(),
+        mixed_precision=_PRECISION_PRESET[dtype],
+    )
+    container.env_vars = {}  # the launcher owns the process environment, identically for both backends
+    return container
+
+
+def _apply_overrides(container, overrides: list[str]) -> None:
+    if overrides:
+        from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
+
+        process_config_with_overrides(container, cli_overrides=list(overrides))
+
+
+def native_config(cfg, run_dir: str | None = None, world_size: int | None = None) -> Native:
+    compat.install()
+    from megatron.bridge.training.config import runtime_config_update
+
+    from unified_train import plan
+
+    world_size = world_size or plan.world_size(cfg)
+    container = build_container(cfg, run_dir)
+    extra = list(cfg.backend.extra) if cfg.backend.name == name else []
+    _apply_overrides(container, extra)
+    with common.world(world_size), common.quiet():
+        runtime_config_update(container)
+    return Native(container=container, world_size=world_size, overrides=extra)
+
+
+def describe(native: Native) -> dict[str, object]:
+    from megatron.bridge.training.optim import _get_scheduler
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.transformer import MLATransformerConfig, TransformerConfig
+    from megatron.training.vocab_utils import calculate_padded_vocab_size
+
+    c = native.container
+    m = c.model
+    tc_cls = MLATransformerConfig if isinstance(m, MLATransformerConfig) else TransformerConfig
+    out = common.flatten("transformer", m, common.dataclass_fields(tc_cls))
+    out.update(common.flatten("gpt", m, _GPT_FIELDS))
+    out["gpt.vocab_size"] = calculate_padded_vocab_size(c.tokenizer.vocab_size, m.make_vocab_size_divisible_by,
+                                                        m.tensor_model_parallel_size, logging_enabled=False)
+    out.update(common.flatten("optimizer", c.optimizer, common.dataclass_fields(OptimizerConfig)))
+    out.update(common.flatten("ddp", c.ddp, common.dataclass_fields(DistributedDataParallelConfig)))
+    out.update(common.flatten("dataset", c.dataset, _DATASET_FIELDS))
+    out["dataset.sequence_length"] = c.dataset.seq_length
+    out.update({"train.train_iters": c.train.train_iters, "train.micro_batch_size": c.train.micro_batch_size,
+                "train.global_batch_size": c.train.global_batch_size, "train.seq_length": c.dataset.seq_length,
+                "validation.eval_interval": c.validation.eval_interval, "validation.eval_iters": c.validation.eval_iters,
+                "rng.seed": c.rng.seed, "rng.data_parallel_random_init": c.rng.data_parallel_random_init,
+                "tokenizer.tokenizer_type": c.tokenizer.tokenizer_type, "tokenizer.vocab_size": c.tokenizer.vocab_size})
+    out.update(common.schedule_trace(lambda opt: _get_scheduler(c.optimizer, c.scheduler, opt),
+                                     c.train.train_iters, c.train.global_batch_size))
+    return out
+
+
+_GPT_FIELDS = ("seq_length", "position_embedding_type", "rotary_base", "rotary_percent", "rope_scaling",
+               "rope_scaling_factor", "share_embeddings_and_output_weights", "make_vocab_size_divisible_by",
+               "fp16_lm_cross_entropy", "seq_len_interpolation_factor")
+_DATASET_FIELDS = ("random_seed", "blend", "blend_per_split", "split", "split_matrix", "mock",
+                   "reset_position_ids", "reset_attention_mask", "eod_mask_loss", "create_attention_mask",
+                   "add_extra_token_to_sequence", "drop_last_partial_validation_sequence")
+
+
+def run_recipe_overrides(native: Native) -> list[str]:
+    """`key=value` overrides for Bridge's scripts/training/run_recipe.py on vanilla_gpt_pretrain_config that
+    reproduce this container (as far as Hydra overrides can: the layer spec is Python-only)."""
+    c = native.container
+    m = c.model
+    out = []
+    for key, value in mcore_fields_snapshot(native).items():
+        out.append(f"{key}={value}")
+    out.append(f"dataset.seq_length={c.dataset.seq_length}")
+    out.append(f"model.seq_length={m.seq_length}")
+    return out
+
+
+def mcore_fields_snapshot(native: Native) -> dict[str, object]:
+    """The Bridge-side values of every translated knob, as `section.field` keys."""
+    c = native.container
+    out = {}
+    for section, obj, keys in (
+        ("model", c.model, _MODEL_OVERRIDE_KEYS),
+        ("train", c.train, ("train_iters", "micro_batch_size", "global_batch_size")),
+        ("validation", c.validation, ("eval_interval", "eval_iters")),
+        ("optimizer", c.optimizer, ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
+                                    "clip_grad", "use_distributed_optimizer")),
+        ("scheduler", c.scheduler, ("lr_decay_style", "lr_warmup_iters", "lr_decay_iters", "lr_warmup_init",
+                                    "start_weight_decay", "end_weight_decay")),
+        ("ddp", c.ddp, ("use_distributed_optimizer",)),
+        ("dataset", c.dataset, ("random_seed",)),
+        ("tokenizer", c.tokenizer, ("tokenizer_type", "vocab_size")),
+        ("rng", c.rng, ("seed",)),
+    ):
+        for key in keys:
+            value = getattr(obj, key, None)
+            if value is None:
+                continue
+            if key == "activation_func":
+                value = value.__name__
+            out[f"{section}.{key}"] = value
+    return out
+
+
+_MODEL_OVERRIDE_KEYS = (
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "kv_channels",
+    "normalization", "layernorm_epsilon", "gated_linear_unit", "activation_func", "add_bias_linear",
+    "add_qkv_bias", "qk_layernorm", "hidden_dropout", "attention_dropout", "init_method_std",
+    "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+    "expert_model_parallel_size", "sequence_parallel", "transformer_impl", "bias_activation_fusion",
+    "bias_dropout_fusion", "masked_softmax_fusion", "persist_layer_norm", "gradient_accumulation_fusion",
+    "cross_entropy_loss_fusion", "cross_entropy_fusion_impl", "attention_softmax_in_fp32", "apply_rope_fusion", "position_embedding_type", "rotary_base", "rotary_percent",
+    "rope_scaling", "rope_scaling_factor", "share_embeddings_and_output_weights", "make_vocab_size_divisible_by",
+    "num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+    "deterministic_mode",
+)
+
+
+def export(native: Native) -> list[str]:
+    """The upstream invocation: Bridge's run_recipe.py with Hydra-style overrides."""
+    return ["torchrun", f"--nproc-per-node={native.world_size}", "scripts/training/run_recipe.py",
+            "--recipe", "vanilla_gpt_pretrain_config", *run_recipe_overrides(native), *native.overrides]
+
+
+def train(native: Native, sink) -> None:
+    """Run Bridge's real `pretrain` in this process; a callback feeds `sink` every step."""
+    import torch
+    from megatron.bridge.training.callbacks import Callback
+    from megatron.bridge.training.gpt_step import forward_step
+    from megatron.bridge.training.pretrain import pretrain
+    from megatron.bridge.training.utils import flop_utils
+    from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
+
+    c = native.container
+    sink.set_flops_per_iteration(flop_utils.num_floating_point_operations(c, c.train.global_batch_size))
+
+    class Recorder(Callback):
+        def on_train_step_start(self, ctx):
+            self.start = time.perf_counter()
+
+        def on_train_step_end(self, ctx):
+            torch.cuda.synchronize()
+            elapsed = time.perf_counter() - self.start
+            loss = (ctx.loss_dict or {}).get("lm loss")
+            lr = get_canonical_lr_for_logging(ctx.optimizer.param_groups)
+            # Bridge advances train_state.step right after this event.
+            sink.record_train(ctx.state.train_state.step + 1, None if loss is None else float(loss),
+                              ctx.grad_norm, lr, elapsed)
+
+        def on_train_end(self, ctx):
+            self.done = True  # evaluations after this are the final validation / test passes
+
+        def on_eval_end(self, ctx):
+            self._eval(ctx, "final_valid" if getattr(self, "done", False) else "valid")
+
+        def on_test_end(self, ctx):
+            self._eval(ctx, "test")
+
+        def _eval(self, ctx, kind):
+            losses = ctx.total_loss_dict or {}
+            if "lm loss" in losses:
+                sink.record_eval(kind, float(losses["lm loss"]))
+
+    pretrain(c, forward_step, callbacks=[Recorder()])
+
+
+def teardown() -> None:
+    """Bridge destroys its parallel state itself; drop what it leaves (caches, compiled kernels, memory)."""
+    import gc
+
+    import torch
+    from megatron.bridge.training.utils import checkpoint_utils
+
+    for cached in ("read_train_state", "read_run_config"):
+        fn = getattr(checkpoint_utils, cached, None)
+        if hasattr(fn, "cache_clear"):
+            fn.cache_clear()
+    for key in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
+        os.environ.pop(key, None)
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def write_native(native: Native, directory: str) -> None:
+    """Bridge's native config: the ConfigContainer as YAML, and the equivalent run_recipe.py command."""
+    import shlex
+
+    native.container.to_yaml(os.path.join(directory, "bridge_config.yaml"))
+    with open(os.path.join(directory, "bridge_command.sh"), "w") as f:
+        f.write(shlex.join(export(native)) + "\n")

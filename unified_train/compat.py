@@ -1,0 +1,162 @@
+"""Packaging traps of the megatron-core 0.19.2 / megatron-bridge 0.6.2 wheels, handled in one place.
+
+Each fix is an import hook: it acts only when the module in question is imported, and only when the real
+dependency is missing. With the real package installed nothing is changed. `install()` is cheap (no heavy
+imports) and idempotent; the `unified_train_compat.pth` file shipped with the package calls it at interpreter
+start, so `multiprocessing` spawn children (Bridge's async checkpoint writer) get the same fixes.
+
+The traps:
+1. `megatron/bridge/peft/lora_layers.py` does an unguarded `import transformer_engine.pytorch as te` and
+   every `import megatron.bridge...` reaches it. Without TE we execute that module with `te` bound to a
+   placeholder whose attributes are classes nothing is an instance of, so `isinstance` checks are False and
+   constructing a TE layer raises a clear ImportError. Nothing named `transformer_engine` enters
+   `sys.modules`, so megatron.core's own `HAVE_TE` probes still see the truth.
+2. The wheel ships the prebuilt `helpers_cpp` extension but not the Makefile `compile_helpers()` runs, and a
+   failed `make` calls `sys.exit(1)` on rank 0 of both loops. When the prebuilt extension imports we make
+   `compile_helpers` a no-op; otherwise the original runs (and compiles, from a source checkout).
+3. `megatron.energon` is imported at module level by Bridge's data builders but used only by multimodal
+   recipes. Where it is not installed (the GPU node's wheelhouse omits its large dependency chain) an
+   empty placeholder package is provided; touching anything in it raises ImportError.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import sys
+import types
+
+_TE_IMPORT = "import transformer_engine.pytorch as te"
+_LORA_MODULE = "megatron.bridge.peft.lora_layers"
+_DATASET_UTILS = "megatron.core.datasets.utils"
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+class _AbsentType(type):
+    """Metaclass of placeholder classes: nested attributes (`te.ops.Sequential`) are placeholders too."""
+
+    def __getattr__(cls, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        return _placeholder(f"{cls.__module__}.{cls.__qualname__}", attr, cls._package)
+
+
+def _placeholder(owner: str, name: str, package: str) -> type:
+    def refuse(*_args, **_kwargs):
+        raise ImportError(f"{owner}.{name} needs {package}, which is not installed")
+
+    return _AbsentType(name, (), {"__new__": refuse, "__module__": owner, "_package": package})
+
+
+class _Absent(types.ModuleType):
+    """A module stand-in for a package that is not installed.
+
+    Attribute access yields placeholder classes (so annotations and `isinstance` checks work) whose
+    instantiation raises ImportError naming the missing package.
+    """
+
+    def __init__(self, name: str, package: str):
+        super().__init__(name)
+        self.__path__ = []  # lets `import name.sub` resolve through _AbsentFinder
+        self._package = package
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        value = _placeholder(self.__name__, attr, self._package)
+        setattr(self, attr, value)
+        return value
+
+
+class _TEFreeLoraLoader(importlib.machinery.SourceFileLoader):
+    """Loads lora_layers.py with its TE import bound to a placeholder instead."""
+
+    def source_to_code(self, data, path, *, _optimize=-1):
+        source = importlib.util.decode_source(data)
+        if _TE_IMPORT not in source:  # upstream changed: fail loudly rather than patch blindly
+            raise ImportError(f"unified_train.compat: expected '{_TE_IMPORT}' in {path}")
+        patched = source.replace(
+            _TE_IMPORT, "te = __import__('unified_train.compat', fromlist=['x']).absent_transformer_engine()", 1
+        )
+        return compile(patched, path, "exec", dont_inherit=True, optimize=_optimize)
+
+
+class _AfterImport(importlib.abc.Loader):
+    """Wraps a loader and runs `hook(module)` right after the module executes."""
+
+    def __init__(self, loader, hook):
+        self._loader, self._hook = loader, hook
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        self._hook(module)
+
+
+class _AbsentFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Provides `_Absent` placeholders for a missing top-level package and its submodules."""
+
+    def __init__(self, root: str, package: str):
+        self._root, self._package = root, package
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == self._root or fullname.startswith(self._root + "."):
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        return None
+
+    def create_module(self, spec):
+        return _Absent(spec.name, self._package)
+
+    def exec_module(self, module):
+        pass
+
+
+class _CompatFinder(importlib.abc.MetaPathFinder):
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname not in (_LORA_MODULE, _DATASET_UTILS):
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(fullname, path)
+        if spec is None or spec.origin is None:
+            return None
+        if fullname == _LORA_MODULE:
+            if _has_module("transformer_engine"):
+                return None
+            spec.loader = _TEFreeLoraLoader(fullname, spec.origin)
+        else:
+            spec.loader = _AfterImport(spec.loader, _patch_compile_helpers)
+        return spec
+
+
+def absent_transformer_engine() -> _Absent:
+    return _Absent("transformer_engine.pytorch", "Transformer Engine (pip install 'unified-train[te]')")
+
+
+def _patch_compile_helpers(utils_module) -> None:
+    original = utils_module.compile_helpers
+
+    def compile_helpers():
+        """No-op when the wheel's prebuilt helpers_cpp imports; the original `make` otherwise."""
+        try:
+            from megatron.core.datasets import helpers_cpp  # noqa: F401
+        except ImportError:
+            original()
+
+    utils_module.compile_helpers = compile_helpers
+
+
+def install() -> None:
+    """Register the import hooks (idempotent, imports nothing heavy)."""
+    if any(isinstance(f, _CompatFinder) for f in sys.meta_path):
+        return
+    sys.meta_path.insert(0, _CompatFinder())
+    if not _has_module("megatron.energon"):
+        sys.meta_path.append(_AbsentFinder("megatron.energon", "megatron-energon"))

@@ -1,0 +1,152 @@
+"""Run one job: in this process, in a fresh worker process, or as several ranks started from the config.
+
+The process environment and the world process group are owned here, identically for both backends, so a
+Bridge job and an MLM job see the same NCCL/cuBLAS settings and a pair run in one process matches two
+separate processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+
+from omegaconf import OmegaConf
+
+from unified_train import plan
+
+# Set for every job (and every spawned rank) before the first CUDA/NCCL use.
+BASE_ENV = {
+    "CUDA_DEVICE_MAX_CONNECTIONS": "1",  # required for TP/CP comm ordering on Hopper
+    "NCCL_NVLS_ENABLE": "0",  # NVLink multicast is not available on the lent nodes
+    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
+    "NVSHMEM_DISABLE_NVLS": "1",
+    "TORCHDYNAMO_VERBOSE": "0",
+}
+DETERMINISTIC_ENV = {"NCCL_ALGO": "Ring", "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0"}
+
+
+def process_env(cfg) -> dict[str, str]:
+    env = dict(BASE_ENV)
+    if cfg.determinism.deterministic_mode:
+        env.update(DETERMINISTIC_ENV)
+    return env
+
+
+def run(cfg) -> None:
+    """Entry from Hydra: dispatch on `mode`."""
+    if cfg.mode == "parity":
+        from unified_train import parity
+
+        sys.exit(parity.main(cfg))
+    if cfg.mode == "export":
+        from unified_train import export
+
+        print(export.render(cfg))
+        return
+    run_dir = cfg.run_dir or _hydra_output_dir()
+    problem = plan.check_run_dir(run_dir)
+    if problem:
+        print(f"unified_train: {problem}", file=sys.stderr)
+        sys.exit(2)
+    if cfg.mode == "preflight":
+        raise SystemExit("unified_train: mode=preflight is not implemented yet")
+    if not _cuda_available():
+        print("unified_train: no CUDA GPU is visible: training needs one (mode=parity and mode=export run on CPU)",
+              file=sys.stderr)
+        sys.exit(2)
+    world = plan.world_size(cfg)
+    if world > 1 and "RANK" not in os.environ:
+        from unified_train import ranks
+
+        ranks.spawn(cfg, run_dir, world)
+    elif cfg.launch.isolation == "process":
+        _run_in_fresh_process(cfg, run_dir)
+    else:
+        run_job(cfg, run_dir)
+
+
+def _hydra_output_dir() -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    return HydraConfig.get().runtime.output_dir
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(world_size: int) -> None:
+    """Own the world process group (one per process, kept across jobs) so neither stack destroys it."""
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    os.environ.setdefault("RANK", "0")
+    os.environ.setdefault("WORLD_SIZE", str(world_size))
+    os.environ.setdefault("LOCAL_RANK", "0")
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                            device_id=torch.device("cuda", int(os.environ["LOCAL_RANK"])))
+
+
+def write_run_files(cfg, run_dir: str, native, backend) -> None:
+    """The resolved unified config, the pair identity and the native config, next to the metrics."""
+    os.makedirs(os.path.join(run_dir, "native"), exist_ok=True)
+    OmegaConf.save(cfg, os.path.join(run_dir, "unified_config.yaml"), resolve=True)
+    with open(os.path.join(run_dir, "run.json"), "w") as f:
+        json.dump({"backend": cfg.backend.name, "pair_id": plan.pair_id(cfg), "model": cfg.model.name,
+                   "tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "world_size": plan.world_size(cfg)}, f, indent=2)
+    backend.write_native(native, os.path.join(run_dir, "native"))
+
+
+def run_job(cfg, run_dir: str) -> dict:
+    """One training job in this process: env, process group, translate, train, teardown."""
+    from unified_train import backends, tracking
+
+    os.environ.update(process_env(cfg))
+    os.makedirs(run_dir, exist_ok=True)
+    world = plan.world_size(cfg)
+    rank = int(os.environ.get("RANK", "0"))
+    last_rank = rank == world - 1
+    sink = tracking.MetricsSink(run_dir, backend=cfg.backend.name, world_size=world, write=last_rank,
+                                tokens_per_iteration=cfg.train.global_batch_size * cfg.train.seq_length)
+    backend = backends.get(cfg.backend.name)
+    init_process_group(world)
+    native = backend.native_config(cfg, run_dir, world_size=world)
+    if rank == 0:
+        write_run_files(cfg, run_dir, native, backend)
+    try:
+        backend.train(native, sink)
+    finally:
+        backend.teardown()
+    return sink.close(pair_id=plan.pair_id(cfg), world_size=world)
+
+
+def _worker(cfg_yaml: str, run_dir: str, env: dict) -> None:
+    os.environ.update(env)
+    run_job(OmegaConf.create(cfg_yaml), run_dir)
+
+
+def _run_in_fresh_process(cfg, run_dir: str) -> None:
+    """Process isolation: the job runs in a spawned interpreter that exits afterwards (long runs, leaks)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    proc = ctx.Process(target=_worker, args=(OmegaConf.to_yaml(cfg, resolve=True), run_dir, {}))
+    proc.start()
+    proc.join()
+    if proc.exitcode != 0:
+        raise RuntimeError(f"job in {run_dir} failed in its worker process (exit code {proc.exitcode})")

@@ -1,0 +1,178 @@
+"""From a composed config to a runnable job: world size, topology and memory checks, pair id, run dir.
+
+Every check returns a one-line message naming the key and the fix. Nothing here imports torch or megatron,
+so bad input is reported in well under a second, before any process-group or GPU work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+from omegaconf import OmegaConf
+
+from unified_train import config as C
+
+CHOICES = {
+    "backend.name": ("mlm", "bridge"),
+    "model.position_embedding_type": ("learned_absolute", "rope", "none"),
+    "model.normalization": ("LayerNorm", "RMSNorm"),
+    "model.activation": ("gelu", "swiglu"),
+    "kernels.transformer_impl": ("auto", "local", "transformer_engine"),
+    "kernels.attention_backend": ("auto", "local", "unfused", "fused", "flash"),
+    "sched.lr_decay_style": ("constant", "linear", "cosine", "inverse-square-root", "WSD"),
+    "data.type": ("mock", "indexed"),
+    "data.tokenizer_type": ("NullTokenizer", "HuggingFaceTokenizer"),
+    "precision.dtype": ("bf16", "fp16", "fp32"),
+    "launch.isolation": ("inprocess", "process"),
+    "mode": ("train", "parity", "export", "preflight"),
+}
+
+# Keys that do not change what is trained: excluded from the pair id so both halves of a pair (and reruns) match.
+_NOT_NUMERICS = ("backend", "logger", "launch", "mode", "run_dir", "checkpoint")
+
+
+def visible_gpus() -> int:
+    """GPUs this process may use, without importing torch."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return len([d for d in env.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        return len(os.listdir("/proc/driver/nvidia/gpus"))
+    except OSError:
+        return 0
+
+
+def model_parallel_size(cfg) -> int:
+    p = cfg.parallel
+    return p.tp * p.pp * p.cp
+
+
+def world_size(cfg) -> int:
+    """tp * pp * cp * dp. dp defaults to every GPU left over (all nodes), or the launcher's WORLD_SIZE."""
+    mp = model_parallel_size(cfg)
+    if cfg.parallel.dp is not None:
+        return mp * cfg.parallel.dp
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    gpus = (cfg.parallel.gpus_per_node or visible_gpus()) * cfg.parallel.nnodes
+    return mp * max(1, gpus // mp)
+
+
+def data_parallel_size(cfg) -> int:
+    return world_size(cfg) // model_parallel_size(cfg)
+
+
+def check(cfg) -> list[str]:
+    """Every problem with the config, one line each: `key=value: what is wrong; the fix`."""
+    errors: list[str] = []
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            errors.append(f"{key}={value}: not one of {', '.join(allowed)}")
+    m, p, t = cfg.model, cfg.parallel, cfg.train
+    for key in ("tp", "pp", "cp", "ep"):
+        if getattr(p, key) < 1:
+            errors.append(f"parallel.{key}={getattr(p, key)}: must be >= 1")
+    if errors:
+        return errors
+    if m.num_attention_heads % p.tp:
+        errors.append(f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}: "
+                      f"choose parallel.tp from {_divisors(m.num_attention_heads)}")
+    groups = m.num_query_groups if m.num_query_groups is not None else m.num_attention_heads
+    if m.num_attention_heads % groups:
+        errors.append(f"model.num_query_groups={groups} does not divide model.num_attention_heads="
+                      f"{m.num_attention_heads}: choose one of {_divisors(m.num_attention_heads)}")
+    elif groups != m.num_attention_heads and groups % p.tp and not m.multi_latent_attention:
+        errors.append(f"model.num_query_groups={groups} is not divisible by parallel.tp={p.tp}: "
+                      f"choose parallel.tp from {_divisors(groups)}")
+    stages = p.pp * (p.vpp or 1)
+    if m.num_layers % stages:
+        what = "parallel.pp*parallel.vpp" if p.vpp else "parallel.pp"
+        errors.append(f"model.num_layers={m.num_layers} is not divisible by {what}={stages}: "
+                      f"choose parallel.pp from {_divisors(m.num_layers)}")
+    if p.sequence_parallel and p.tp == 1:
+        errors.append("parallel.sequence_parallel=true needs parallel.tp > 1: set parallel.sequence_parallel=false")
+    if m.num_experts is not None:
+        if m.num_experts % p.ep:
+            errors.append(f"model.num_experts={m.num_experts} is not divisible by parallel.ep={p.ep}: "
+                          f"choose parallel.ep from {_divisors(m.num_experts)}")
+        if not 0 <= m.moe_first_dense_layers < m.num_layers:
+            errors.append(f"model.moe_first_dense_layers={m.moe_first_dense_layers}: must be below "
+                          f"model.num_layers={m.num_layers}")
+    elif p.ep > 1:
+        errors.append(f"parallel.ep={p.ep} needs a mixture-of-experts model: set parallel.ep=1")
+    dp = data_parallel_size(cfg)
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        errors.append(f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size"
+                      f"={t.micro_batch_size} x data-parallel size {dp}: set train.global_batch_size to a multiple "
+                      f"of {t.micro_batch_size * dp}")
+    if p.cp > 1 and t.seq_length % (2 * p.cp):
+        errors.append(f"train.seq_length={t.seq_length} is not divisible by 2*parallel.cp={2 * p.cp}")
+    if m.position_embedding_type == "learned_absolute":
+        table = C.position_table_size(cfg)
+        if t.seq_length > table:
+            errors.append(f"train.seq_length={t.seq_length} is above the position table model.max_position_embeddings"
+                          f"={table}: lower train.seq_length or raise model.max_position_embeddings")
+        elif table != t.seq_length:
+            errors.append(f"model.max_position_embeddings={table} differs from train.seq_length={t.seq_length}: "
+                          "Bridge sizes the learned position table from the sequence length, so the stacks would "
+                          "initialise differently; set model.max_position_embeddings=null")
+    warmup, decay = C.warmup_iters(cfg), C.decay_iters(cfg)
+    if decay > t.iters and cfg.sched.lr_decay_iters is not None:
+        pass  # decaying past the end of training is legitimate
+    if warmup >= decay:
+        errors.append(f"sched.lr_warmup_iters={warmup} must be below the decay length {decay}: "
+                      f"set sched.lr_warmup_iters=null to derive it")
+    if t.iters < 1:
+        errors.append(f"train.iters={t.iters}: must be >= 1")
+    if cfg.determinism.deterministic_mode and cfg.kernels.cross_entropy_loss_fusion:
+        errors.append("determinism.deterministic_mode=true needs kernels.cross_entropy_loss_fusion=false "
+                      "(use determinism=strict)")
+    if cfg.data.type == "indexed" and not cfg.data.data_path:
+        errors.append("data.data_path is empty: give the .bin/.idx prefixes, e.g. data.data_path=[/data/my_text_document]")
+    if cfg.data.type == "mock" and cfg.data.data_path:
+        errors.append("data.data_path is set but data.type=mock: use data=indexed")
+    if cfg.data.tokenizer_type == "HuggingFaceTokenizer" and not cfg.data.tokenizer_model:
+        errors.append("data.tokenizer_model is unset: give a local tokenizer directory")
+    if cfg.kernels.transformer_impl == "transformer_engine" and not _importable("transformer_engine"):
+        errors.append("kernels.transformer_impl=transformer_engine but Transformer Engine is not installed: "
+                      "use kernels.transformer_impl=auto or install unified-train[te]")
+    if cfg.checkpoint.load is not None and not os.path.isdir(cfg.checkpoint.load):
+        errors.append(f"checkpoint.load={cfg.checkpoint.load}: no such directory")
+    return errors
+
+
+def _divisors(n: int) -> str:
+    return "{" + ",".join(str(d) for d in range(1, n + 1) if n % d == 0) + "}"
+
+
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def pair_id(cfg) -> str:
+    """A stable hash of everything that determines the numerics: identical for both halves of a pair."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    for key in _NOT_NUMERICS:
+        data.pop(key, None)
+    blob = json.dumps(data, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# Files Hydra itself writes into a job directory before the job runs.
+_HYDRA_OWN = (".hydra",)
+
+
+def check_run_dir(run_dir: str) -> str | None:
+    """A run never starts in a directory that already holds a run's output (nothing is overwritten)."""
+    if not os.path.isdir(run_dir):
+        return None
+    leftovers = [f for f in os.listdir(run_dir) if f not in _HYDRA_OWN and not f.endswith(".log")]
+    if leftovers:
+        return (f"run_dir={run_dir} already holds {', '.join(sorted(leftovers)[:4])}: "
+                "choose a new run_dir (or hydra.run.dir); resuming is explicit via checkpoint.load")
+    return None

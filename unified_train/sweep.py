@@ -1,0 +1,114 @@
+"""Validate every point of a run or sweep before anything starts, and report all problems at once.
+
+Hydra's own composition errors are multi-line tracebacks with exit code 1; here each becomes one line naming
+the key and the fix, and the process exits with 2 before Hydra creates an output directory.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+@dataclass
+class Point:
+    overrides: list[str]
+    cfg: object | None = None
+    errors: list[str] | None = None
+
+
+def _sweep_choices(overrides: list[str], sweeper_params: dict) -> list[list[str]]:
+    """Expand `a=1,2` style overrides (CLI and hydra.sweeper.params) into one override list per job."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    params = {k: str(v) for k, v in (sweeper_params or {}).items()}
+    axes: list[list[str]] = []
+    for ov in parser.parse_overrides(overrides):
+        key = ov.get_key_element()
+        params.pop(key.lstrip("+~"), None)  # the command line wins over the sweep config
+        if ov.is_sweep_override():
+            axes.append([f"{key}={v}" for v in ov.sweep_string_iterator()])
+        else:
+            axes.append([ov.input_line])
+    for key, value in params.items():
+        ov = parser.parse_override(f"{key}={value}")
+        axes.append([f"{key}={v}" for v in ov.sweep_string_iterator()] if ov.is_sweep_override() else [ov.input_line])
+    return [list(combo) for combo in itertools.product(*axes)] if axes else [[]]
+
+
+def _compose(config_dir: str | None, config_name: str, overrides: list[str], with_hydra: bool = False):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from unified_train.config import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    search = [f"hydra.searchpath=[file://{config_dir}]"] if config_dir else []
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides + search, return_hydra_config=with_hydra)
+
+
+def _one_line(exc: Exception) -> str:
+    """Hydra/OmegaConf errors, reduced to one actionable line."""
+    from hydra.errors import MissingConfigException
+    from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
+
+    while exc.__cause__ is not None and not isinstance(exc, (ConfigKeyError, ValidationError)):
+        if isinstance(exc, MissingConfigException):
+            break
+        exc = exc.__cause__
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if isinstance(exc, MissingConfigException) or "Could not find" in text:
+        group = getattr(exc, "config_name", None) or text
+        options = getattr(exc, "options", None)
+        hint = f": choose one of {', '.join(sorted(options))}" if options else ""
+        return f"{group}{hint}".replace("In 'config': ", "").replace("Could not find ", "unknown option ")
+    full_key = getattr(exc, "full_key", None)
+    if isinstance(exc, ConfigKeyError) or "not in struct" in text or (text.startswith("Key '") and " not in " in text):
+        return f"{full_key or text}: unknown key; check the spelling (python -m unified_train --cfg job lists all keys)"
+    if isinstance(exc, ValidationError):
+        return f"{full_key}: {text.split('full_key')[0].strip()}; give a value of the declared type"
+    if isinstance(exc, MissingMandatoryValue):
+        return f"{full_key}: required but not set; give {full_key}=..."
+    return text
+
+
+def validate(argv: list[str]) -> tuple[list[Point], list[str]]:
+    """Compose and check every job the command line describes. Returns the points and one line per problem."""
+    from hydra._internal.utils import get_args_parser
+    from omegaconf import OmegaConf
+
+    from unified_train import plan
+
+    args = get_args_parser().parse_args(argv)
+    config_name = args.config_name or "config"
+    config_dir = str(Path(args.config_dir).resolve()) if args.config_dir else None
+    base = [o for o in args.overrides]
+    try:
+        plain = [o for o in base if "," not in o.split("=", 1)[-1] or o.split("=", 1)[-1].startswith("[")]
+        sweeper_params = {}
+        if args.multirun:
+            hcfg = _compose(config_dir, config_name, plain, with_hydra=True)
+            params = OmegaConf.select(hcfg, "hydra.sweeper.params")
+            sweeper_params = OmegaConf.to_container(params) if params is not None else {}
+        combos = _sweep_choices(base, sweeper_params) if args.multirun else [base]
+    except Exception as exc:  # noqa: BLE001 -- any composition problem is a user error here
+        return [], [_one_line(exc)]
+
+    points, errors = [], []
+    for combo in combos:
+        point = Point(overrides=combo)
+        try:
+            point.cfg = _compose(config_dir, config_name, combo)
+            point.errors = plan.check(point.cfg)
+        except Exception as exc:  # noqa: BLE001
+            point.errors = [_one_line(exc)]
+        points.append(point)
+        label = f"[{' '.join(combo)}] " if args.multirun and len(combos) > 1 else ""
+        errors += [label + e for e in point.errors]
+    return points, errors
