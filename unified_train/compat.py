@@ -158,5 +158,5 @@ def install() -> None:
     if any(isinstance(f, _CompatFinder) for f in sys.meta_path):
         return
     sys.meta_path.insert(0, _CompatFinder())
-    if not _has_module("megatron.energon"):
-        sys.meta_path.append(_AbsentFinder("megatron.energon", "megatron-energon"))
+    # Last on the path: only asked when no real megatron.energon was found, so nothing is probed here.
+    sys.meta_path.append(_AbsentFinder("megatron.energon", "megatron-energon"))

@@ -8,11 +8,14 @@ from unified_train import backends, plan
 
 
 def commands(cfg) -> dict[str, list[str]]:
+    from unified_train.launch import job_environment
+
     world = plan.world_size(cfg)
     out = {}
-    for name in backends.NAMES:
-        backend = backends.get(name)
-        out[name] = backend.export(backend.native_config(cfg, cfg.run_dir, world_size=world))
+    with job_environment(cfg):
+        for name in backends.NAMES:
+            backend = backends.get(name)
+            out[name] = backend.export(backend.native_config(cfg, cfg.run_dir, world_size=world))
     return out
 
 

@@ -7,10 +7,13 @@ separate processes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import sys
+
+from unittest import mock
 
 from omegaconf import OmegaConf
 
@@ -22,7 +25,11 @@ BASE_ENV = {
     "NCCL_NVLS_ENABLE": "0",  # NVLink multicast is not available on the lent nodes
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
-    "TORCHDYNAMO_VERBOSE": "0",
+    # megatron-core's fused kernels are torch.compile'd. Inductor otherwise picks reduction kernels by timing
+    # them, and dynamo reuses dynamic-shape profiles that earlier processes left on disk; either changes the
+    # rounding from one process to the next. These make compiled numerics a function of the code alone.
+    "TORCHINDUCTOR_DETERMINISTIC": "1",
+    "TORCH_DYNAMO_AUTOMATIC_DYNAMIC_LOCAL_PGO": "0",
 }
 DETERMINISTIC_ENV = {"NCCL_ALGO": "Ring", "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0"}
 
@@ -34,8 +41,23 @@ def process_env(cfg) -> dict[str, str]:
     return env
 
 
+@contextlib.contextmanager
+def job_environment(cfg):
+    """The job's process environment, for work that builds native configs outside a job (parity, export):
+    Bridge's validation reads NCCL_ALGO under determinism and switches deterministic algorithms on globally."""
+    import torch
+
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    with mock.patch.dict(os.environ, process_env(cfg)):
+        try:
+            yield
+        finally:
+            torch.use_deterministic_algorithms(deterministic)
+
+
 def run(cfg) -> None:
     """Entry from Hydra: dispatch on `mode`."""
+    os.environ.update(process_env(cfg))  # before torch is imported: some settings are read at import
     if cfg.mode == "parity":
         from unified_train import parity
 
@@ -117,6 +139,7 @@ def run_job(cfg, run_dir: str) -> dict:
     from unified_train import backends, tracking
 
     os.environ.update(process_env(cfg))
+    _pin_compiler_determinism()
     os.makedirs(run_dir, exist_ok=True)
     world = plan.world_size(cfg)
     rank = int(os.environ.get("RANK", "0"))
@@ -132,7 +155,17 @@ def run_job(cfg, run_dir: str) -> dict:
         backend.train(native, sink)
     finally:
         backend.teardown()
-    return sink.close(pair_id=plan.pair_id(cfg), world_size=world)
+    return sink.close(pair_id=plan.pair_id(cfg))
+
+
+def _pin_compiler_determinism() -> None:
+    """The same as TORCHINDUCTOR_DETERMINISTIC / TORCH_DYNAMO_AUTOMATIC_DYNAMIC_LOCAL_PGO in BASE_ENV, for when
+    torch's compiler configs were imported before the environment was set."""
+    import torch._dynamo.config
+    import torch._inductor.config
+
+    torch._inductor.config.deterministic = True
+    torch._dynamo.config.automatic_dynamic_local_pgo = False
 
 
 def _worker(cfg_yaml: str, run_dir: str, env: dict) -> None:

@@ -71,6 +71,9 @@ def transformer(cfg) -> dict:
         expert_model_parallel_size=p.ep,
         virtual_pipeline_model_parallel_size=p.vpp,
         sequence_parallel=p.sequence_parallel,
+        # The interleaved (virtual-pipeline) schedule overlaps its P2P transfers; MLM derives both from vpp.
+        overlap_p2p_comm=p.vpp is not None,
+        batch_p2p_comm=p.vpp is None,
         transformer_impl=resolved_transformer_impl(cfg),
         attention_backend=k.attention_backend,
         # Without a bias there is nothing to fuse; MLM forces this off by itself, Bridge does not.
@@ -184,6 +187,7 @@ def ddp(cfg) -> dict:
         overlap_grad_reduce=False,
         overlap_param_gather=False,
         check_for_nan_in_grad=True,
+        align_param_gather=cfg.parallel.vpp is not None,  # as MLM derives it for the interleaved schedule
         **PINNED_DDP,
     )
 

@@ -22,11 +22,14 @@ def diff(left: dict, right: dict) -> list[tuple[str, object, object]]:
 
 
 def describe_both(cfg, world_size: int | None = None) -> dict[str, dict]:
+    from unified_train.launch import job_environment
+
     world_size = world_size or plan.world_size(cfg)
     out = {}
-    for name in backends.NAMES:
-        backend = backends.get(name)
-        out[name] = backend.describe(backend.native_config(cfg, None, world_size=world_size))
+    with job_environment(cfg):
+        for name in backends.NAMES:
+            backend = backends.get(name)
+            out[name] = backend.describe(backend.native_config(cfg, None, world_size=world_size))
     return out
 
 

@@ -66,7 +66,9 @@ class MetricsSink:
         if self._file:
             self._file.close()
         out = {"backend": self.backend, "iterations": len(self.records), **self.final,
-               "wall_time_s": time.perf_counter() - self.started, **summary}
+               "wall_time_s": time.perf_counter() - self.started, "world_size": self.world_size,
+               "tokens_per_iteration": self.tokens_per_iteration, "flops_per_iteration": self.flops_per_iteration,
+               **summary}
         if self.first_iteration_done is not None:
             out["time_to_first_iteration_s"] = self.first_iteration_done - self.started
         if self.write:

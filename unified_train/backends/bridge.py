@@ -59,6 +59,11 @@ def _model_provider(cfg):
     cls = MLAModelProvider if fields.get("multi_latent_attention") else GPTModelProvider
     provider = cls(**fields, **gpt, virtual_pipeline_model_parallel_size=vpp)
     provider.transformer_layer_spec = layer_spec
+    if cfg.precision.dtype == "fp32":
+        import torch
+
+        # MLM sets pipeline_dtype = params_dtype; Bridge's presets do the same, but fp32 has no preset.
+        provider.pipeline_dtype = torch.float32
     return provider
 
 
@@ -211,6 +216,7 @@ def mcore_fields_snapshot(native: Native) -> dict[str, object]:
         ("dataset", c.dataset, ("random_seed",)),
         ("tokenizer", c.tokenizer, ("tokenizer_type", "vocab_size")),
         ("rng", c.rng, ("seed",)),
+        ("logger", c.logger, ("log_interval",)),
     ):
         for key in keys:
             value = getattr(obj, key, None)
@@ -252,9 +258,12 @@ def train(native: Native, sink) -> None:
     from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
 
     c = native.container
-    sink.set_flops_per_iteration(flop_utils.num_floating_point_operations(c, c.train.global_batch_size))
 
     class Recorder(Callback):
+        def on_train_start(self, ctx):
+            # Bridge's FLOP count needs the vocabulary size, which setup takes from the tokenizer.
+            sink.set_flops_per_iteration(flop_utils.num_floating_point_operations(c, c.train.global_batch_size))
+
         def on_train_step_start(self, ctx):
             self.start = time.perf_counter()
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import partial
 from unittest import mock
 
-from unified_train import compat, mcore_fields
+from unified_train import compat, config, mcore_fields
 from unified_train.backends import common
 
 name = "mlm"
@@ -31,7 +31,7 @@ _SPECIAL = {"activation", "gated_linear_unit", "bias_activation_fusion", "num_qu
             "data_path", "random_seed", "rope_scaling_factor", "tokenizer_type", "tokenizer_model",
             "virtual_pipeline_model_parallel_size", "optimizer",
             # Set by core_transformer_config_from_args itself, to the values mcore_fields pins for Bridge.
-            "inference_sampling_seed", "deallocate_pipeline_outputs"}
+            "inference_sampling_seed", "deallocate_pipeline_outputs", "batch_p2p_comm"}
 
 
 @dataclass
@@ -40,6 +40,9 @@ class Native:
     args: argparse.Namespace  # after MLM's parse_args + validate_args
     world_size: int
     rope_scaling_factor: float
+    # MLM has no flag for a separate data-shuffle seed (pretrain_gpt.py shuffles with --seed); our dataset glue
+    # takes it from here so data.seed works on both backends.
+    data_seed: int
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -119,6 +122,7 @@ def build_argv(cfg, run_dir: str | None) -> list[str]:
         accumulate_allreduce_grads_in_fp32=ddp["grad_reduce_in_fp32"],
         overlap_grad_reduce=ddp["overlap_grad_reduce"],
         overlap_param_gather=ddp["overlap_param_gather"],
+        align_param_gather=ddp["align_param_gather"],
         check_for_nan_in_loss_and_grad=ddp["check_for_nan_in_grad"],
     )
     data = mcore_fields.dataset(cfg)
@@ -183,7 +187,8 @@ def native_config(cfg, run_dir: str | None = None, world_size: int | None = None
     world_size = world_size or plan.world_size(cfg)
     argv = build_argv(cfg, run_dir)
     args = _parse_and_validate(argv, world_size)
-    return Native(argv=argv, args=args, world_size=world_size, rope_scaling_factor=cfg.model.rope_scaling_factor)
+    return Native(argv=argv, args=args, world_size=world_size, rope_scaling_factor=cfg.model.rope_scaling_factor,
+                  data_seed=config.data_seed(cfg))
 
 
 def model_config(native: Native):
@@ -200,8 +205,8 @@ def model_config(native: Native):
     return model_cfg
 
 
-def dataset_config(args):
-    """The GPTDatasetConfig `pretrain_gpt.py` builds from args."""
+def dataset_config(args, data_seed: int | None = None):
+    """The GPTDatasetConfig `pretrain_gpt.py` builds from args (shuffled with `data_seed`, default --seed)."""
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
     from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
     from megatron.training.utils.common_utils import get_blend_and_blend_per_split
@@ -210,7 +215,7 @@ def dataset_config(args):
         tokenizer = build_tokenizer(args)
     blend, blend_per_split = get_blend_and_blend_per_split(args)
     return GPTDatasetConfig(
-        random_seed=args.seed,
+        random_seed=args.seed if data_seed is None else data_seed,
         sequence_length=args.seq_length,
         blend=blend,
         blend_per_split=blend_per_split,
@@ -256,7 +261,7 @@ def describe(native: Native) -> dict[str, object]:
     out["gpt.vocab_size"] = args.padded_vocab_size
     out.update(common.flatten("optimizer", get_megatron_optimizer_config(args)[0], common.dataclass_fields(OptimizerConfig)))
     out.update(common.flatten("ddp", get_megatron_ddp_config(args), common.dataclass_fields(DistributedDataParallelConfig)))
-    out.update(common.flatten("dataset", dataset_config(args), _DATASET_FIELDS))
+    out.update(common.flatten("dataset", dataset_config(args, native.data_seed), _DATASET_FIELDS))
     out.update({"train.train_iters": args.train_iters, "train.micro_batch_size": args.micro_batch_size,
                 "train.global_batch_size": args.global_batch_size, "train.seq_length": args.seq_length,
                 "validation.eval_interval": args.eval_interval, "validation.eval_iters": args.eval_iters,
@@ -284,7 +289,8 @@ _DATASET_FIELDS = ("random_seed", "sequence_length", "blend", "blend_per_split",
 
 
 def export(native: Native) -> list[str]:
-    """The upstream invocation: Megatron-LM's pretrain_gpt.py under torchrun with the same flags."""
+    """The upstream invocation: Megatron-LM's pretrain_gpt.py under torchrun with the same flags.
+    (Upstream shuffles data with --seed; a data.seed different from rng.seed has no upstream flag.)"""
     return ["torchrun", f"--nproc-per-node={native.world_size}", "pretrain_gpt.py", *native.argv]
 
 
@@ -381,7 +387,7 @@ def _dataset_built_on_rank(vp_stage=None):
     return mpu.get_tensor_model_parallel_rank() == 0 and is_first_or_last_pipeline_stage(vp_stage)
 
 
-def _datasets_provider(train_val_test_num_samples, vp_stage=None):
+def _datasets_provider(train_val_test_num_samples, vp_stage=None, data_seed=None):
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, MockGPTDataset
     from megatron.training import get_args
@@ -389,12 +395,17 @@ def _datasets_provider(train_val_test_num_samples, vp_stage=None):
     args = get_args()
     cls = MockGPTDataset if args.mock_data else GPTDataset
     return BlendedMegatronDatasetBuilder(
-        cls, train_val_test_num_samples, partial(_dataset_built_on_rank, vp_stage=vp_stage), dataset_config(args)
+        cls, train_val_test_num_samples, partial(_dataset_built_on_rank, vp_stage=vp_stage),
+        dataset_config(args, data_seed),
     ).build()
 
 
-# Builds on every rank so the builder's internal barriers line up (upstream sets the same attribute).
-_datasets_provider.is_distributed = True
+def datasets_provider(data_seed: int | None = None):
+    """The provider MLM's pretrain calls. It builds on every rank so the builder's internal barriers line up
+    (upstream's pretrain_gpt.py sets the same attribute)."""
+    provider = partial(_datasets_provider, data_seed=data_seed)
+    provider.is_distributed = True
+    return provider
 
 
 def _embedding_ranks(pp_ranks):
@@ -472,7 +483,7 @@ def train(native: Native, sink) -> None:
         p.start()
     try:
         training.set_startup_timestamps(program_start=time.time(), main_entry=time.time())
-        training.pretrain(container, _datasets_provider, ModelType.encoder_or_decoder, _forward_step,
+        training.pretrain(container, datasets_provider(native.data_seed), ModelType.encoder_or_decoder, _forward_step,
                           get_embedding_ranks=_embedding_ranks)
     except SystemExit as exc:  # exit-interval / signal paths end the loop with SystemExit
         if exc.code not in (0, None):

@@ -1,0 +1,95 @@
+"""Pair verdicts over sweep directories, from the files runs leave behind."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from unified_train import compare, tracking
+
+LOSSES = [10.375, 10.25, 9.9921875, 9.75, 9.5]
+
+
+def _write_run(directory, backend, pair_id="p123", losses=LOSSES, complete=True):
+    directory.mkdir(parents=True)
+    (directory / "run.json").write_text(json.dumps({"backend": backend, "pair_id": pair_id, "model": "vanilla_gpt",
+                                                    "tp": 1, "pp": 1, "world_size": 1}))
+    sink = tracking.MetricsSink(str(directory), backend=backend, tokens_per_iteration=16384, world_size=1,
+                                write=True)
+    for it, loss in enumerate(losses, start=1):
+        sink.record_train(it, loss=loss, grad_norm=2.0 / it, lr=3e-4 * min(1, it) / it, seconds=0.1)
+        if it == len(losses):
+            sink.record_eval("valid", loss + 0.5)
+    if complete:
+        sink.close(pair_id=pair_id, world_size=1)
+    return directory
+
+
+def test_equal_runs_are_bitwise_exact(tmp_path):
+    _write_run(tmp_path / "0_mlm", "mlm")
+    _write_run(tmp_path / "0_bridge", "bridge")
+    text, ok = compare.report([str(tmp_path)])
+    assert ok is True
+    assert "exact (bitwise)" in text and "NOT bitwise" not in text
+    assert "## pair p123 (vanilla_gpt, tp=1, pp=1)" in text
+    assert text.count("| 0.000e+00 |") == len(LOSSES)
+
+
+def test_one_differing_value_is_not_bitwise(tmp_path):
+    _write_run(tmp_path / "0_mlm", "mlm")
+    other = list(LOSSES)
+    other[3] = 9.8125  # one bf16 ULP above 9.75 (spacing 2**-4 in [8, 16))
+    _write_run(tmp_path / "0_bridge", "bridge", losses=other)
+    text, ok = compare.report([str(tmp_path)])
+    assert ok is False
+    assert "NOT bitwise" in text
+    row = next(line for line in text.splitlines() if line.startswith("| 4 |"))
+    assert row.rstrip().endswith("| 1 |")  # bf16 ULP column
+
+
+def test_missing_half_is_incomplete(tmp_path):
+    _write_run(tmp_path / "0_mlm", "mlm")
+    text, ok = compare.report([str(tmp_path)])
+    assert ok is False and "**incomplete**" in text and "bridge" in text.split("**incomplete**")[1]
+
+
+def test_failed_half_without_summary_is_incomplete(tmp_path):
+    _write_run(tmp_path / "0_mlm", "mlm")
+    _write_run(tmp_path / "0_bridge", "bridge", complete=False)  # crashed: no summary.json
+    text, ok = compare.report([str(tmp_path)])
+    assert ok is False and "**incomplete**" in text
+
+
+def test_pairs_are_matched_by_pair_id_across_sweep_dirs(tmp_path):
+    _write_run(tmp_path / "a" / "0_mlm", "mlm", pair_id="aaa")
+    _write_run(tmp_path / "b" / "0_bridge", "bridge", pair_id="aaa")
+    _write_run(tmp_path / "a" / "1_mlm", "mlm", pair_id="bbb")
+    _write_run(tmp_path / "b" / "1_bridge", "bridge", pair_id="bbb", losses=[x + 1 for x in LOSSES])
+    text, ok = compare.report([str(tmp_path / "a"), str(tmp_path / "b")])
+    assert ok is False
+    sections = text.split("## pair ")[1:]
+    assert [s.split()[0] for s in sections] == ["aaa", "bbb"]
+    assert "exact (bitwise)" in sections[0] and "NOT bitwise" in sections[1]
+
+
+def test_compare_main_exit_codes(tmp_path, capsys):
+    _write_run(tmp_path / "0_mlm", "mlm")
+    _write_run(tmp_path / "0_bridge", "bridge")
+    assert compare.main([str(tmp_path)]) == 0
+    assert "exact (bitwise)" in capsys.readouterr().out
+    assert compare.main([]) == 2
+
+
+@pytest.mark.parametrize("a, b, ulps", [
+    (1.0, 1.0078125, 1),   # bf16 has 7 explicit mantissa bits: 1 + 2**-7 is the next value
+    (1.0, 1.0, 0),
+    (1.0, 1.015625, 2),
+    (-1.0, -1.0078125, 1),
+    (2.0, 1.9921875, 1),   # across an exponent boundary
+    (0.0, -0.0, 0),
+    (-1.0, 1.0, 0x3F80 * 2),
+])
+def test_bf16_ulps(a, b, ulps):
+    assert compare.bf16_ulps(a, b) == ulps
+    assert compare.bf16_ulps(b, a) == ulps

@@ -1,0 +1,125 @@
+"""§7: bad input gets one line naming the key, exit code 2, nothing written; fast paths import nothing heavy."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from ut_helpers import run_cli, run_python
+
+# (overrides, a key the one line must name)
+BAD_INPUTS = {
+    "unknown backend": (["backend=foo"], "backend"),
+    "unknown model": (["model=no_such_model"], "model"),
+    "unknown key": (["train.foo=1"], "train.foo"),
+    "wrong type": (["train.iters=abc"], "train.iters"),
+    "heads % tp": (["parallel.tp=3"], "parallel.tp"),
+    "layers % pp": (["model.num_layers=3", "parallel.pp=2"], "parallel.pp"),
+    "gbs % (mbs*dp)": (["train.global_batch_size=30"], "train.global_batch_size"),
+    "gbs % (mbs*dp), dp=2": (["parallel.dp=2", "train.global_batch_size=36"], "train.global_batch_size"),
+    "sequence parallel with tp=1": (["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),
+    "seq_length above position table": (["train.seq_length=1024", "model.max_position_embeddings=512"],
+                                        "train.seq_length"),
+    "bad choice": (["precision.dtype=fp8"], "precision.dtype"),
+}
+
+
+def _error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("unified_train:")]
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_one_line_exit_2_nothing_written(case, tmp_path):
+    overrides, key = BAD_INPUTS[case]
+    proc = run_cli([*overrides, "mode=parity"], tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = _error_lines(proc.stderr)
+    assert len(lines) == 1, proc.stderr
+    assert key in lines[0], lines[0]
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unknown_model_lists_the_choices(tmp_path):
+    proc = run_cli(["model=no_such_model", "mode=parity"], tmp_path, timeout=120)
+    (line,) = _error_lines(proc.stderr)
+    assert "vanilla_gpt" in line and "llama32_1b" in line
+
+
+def test_divisibility_errors_propose_a_fix(tmp_path):
+    proc = run_cli(["parallel.tp=3", "mode=parity"], tmp_path, timeout=120)
+    (line,) = _error_lines(proc.stderr)
+    assert "{1,2,4}" in line  # the valid tp values for 4 heads
+
+
+def test_multirun_reports_every_bad_point_at_once(tmp_path):
+    proc = run_cli(["-m", "parallel.tp=3,5", "mode=parity"], tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = _error_lines(proc.stderr)
+    assert len(lines) == 2, proc.stderr
+    assert any("parallel.tp=3" in line for line in lines) and any("parallel.tp=5" in line for line in lines)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_multirun_reports_only_the_bad_points(tmp_path):
+    proc = run_cli(["-m", "parallel.tp=1,3,2", "mode=parity"], tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = _error_lines(proc.stderr)
+    assert len(lines) == 1 and "parallel.tp=3" in lines[0], proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def _heavy_imports(importtime_stderr: str) -> list[str]:
+    """Module names from `-X importtime` that are torch or megatron code (the empty `megatron` namespace package
+    itself is reported separately)."""
+    names = []
+    for line in importtime_stderr.splitlines():
+        m = re.match(r"import time:\s+\d+ \|\s+\d+ \|\s*(\S+)$", line)
+        if m and (m.group(1) == "torch" or m.group(1).startswith(("torch.", "megatron."))):
+            names.append(m.group(1))
+    return names
+
+
+@pytest.mark.parametrize("flags", [["--help"], ["--cfg", "job"]], ids=["help", "cfg-job"])
+def test_inspect_flags_import_neither_torch_nor_megatron(flags, tmp_path):
+    proc = run_cli(flags, tmp_path, python_flags=("-X", "importtime"), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "import time:" in proc.stderr  # the probe itself worked
+    assert _heavy_imports(proc.stderr) == []
+    if flags[0] == "--cfg":
+        assert "model:" in proc.stdout and "vanilla_gpt" in proc.stdout
+    else:
+        assert "model" in proc.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_input_imports_neither_torch_nor_megatron(tmp_path):
+    proc = run_cli(["parallel.tp=3", "mode=parity"], tmp_path, python_flags=("-X", "importtime"), timeout=120)
+    assert proc.returncode == 2
+    assert _heavy_imports(proc.stderr) == []
+
+
+def test_mlm_backend_never_imports_bridge(tmp_path):
+    code = (
+        "import sys\n"
+        "from unified_train import sweep\n"
+        "from unified_train.backends import mlm\n"
+        "cfg = sweep._compose(None, 'config', ['backend=mlm', 'parallel.dp=1'])\n"
+        "native = mlm.native_config(cfg)\n"
+        "mlm.describe(native)\n"
+        "mlm.export(native)\n"
+        "assert 'megatron.training' in sys.modules and 'megatron.core' in sys.modules\n"
+        "bridge = sorted(m for m in sys.modules if m.startswith('megatron.bridge'))\n"
+        "print('BRIDGE_MODULES', len(bridge), bridge[:5])\n"
+    )
+    proc = run_python(code, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "BRIDGE_MODULES 0 []" in proc.stdout, proc.stdout
+
+
+def test_cfg_job_does_not_even_import_the_megatron_namespace(tmp_path):
+    proc = run_cli(["--cfg", "job"], tmp_path, python_flags=("-X", "importtime"), timeout=120)
+    assert proc.returncode == 0
+    assert not re.search(r"\|\s*megatron$", proc.stderr, re.MULTILINE)
