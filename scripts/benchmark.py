@@ -63,7 +63,9 @@ def run(cmd: list[str], log: Path) -> dict:
                 times[it] = float(m.group(3)) / 1000
         proc.wait()
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}")
+        print(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}", file=sys.stderr)
+        return {"failed": True, "wall_s": time.perf_counter() - start, "first_iteration_s": None,
+                "steady_iter_s": None, "iterations": len(times)}
     # Skip warm-up: iteration 1 compiles, and MLM prints iteration 2 as the mean of iterations 1 and 2.
     steady = [t for it, t in sorted(times.items()) if it >= max(4, len(times) // 3)]
     return {"wall_s": time.perf_counter() - start, "first_iteration_s": first_iteration,
@@ -89,7 +91,8 @@ def main() -> None:
         results[f"unified {backend}"] = run(
             [py, "-m", "unified_train", f"backend={backend}", f"hydra.run.dir={run_dir}", *ov],
             out / f"unified_{backend}.log")
-        summaries[backend] = json.loads((run_dir / "summary.json").read_text())
+        if (run_dir / "summary.json").exists():
+            summaries[backend] = json.loads((run_dir / "summary.json").read_text())
         results[f"native {backend}"] = run([py, "scripts/native_baseline.py", backend, *ov],
                                            out / f"native_{backend}.log")
     if not args.skip_pair:
@@ -102,7 +105,10 @@ def main() -> None:
     rows = []
     for name, r in results.items():
         backend = "bridge" if "bridge" in name else "mlm"
-        s = summaries[backend]
+        s = summaries.get(backend)
+        if s is None or r.get("failed"):
+            r.update(tokens_per_s=None, tflops_per_gpu=None, mfu=None)
+            continue
         world = s["world_size"]
         tokens = tokens or s["tokens_per_iteration"]
         r["tokens_per_s"] = tokens / r["steady_iter_s"] if r["steady_iter_s"] else None
@@ -111,6 +117,8 @@ def main() -> None:
         r["mfu"] = r["tflops_per_gpu"] / peak if r["tflops_per_gpu"] else None
     for backend in ("mlm", "bridge"):
         u, n = results[f"unified {backend}"], results[f"native {backend}"]
+        if u.get("failed") or n.get("failed"):
+            continue
         u["throughput_vs_native"] = n["steady_iter_s"] / u["steady_iter_s"]
         u["first_iteration_vs_native"] = u["first_iteration_s"] / n["first_iteration_s"]
     if "pair in one process" in results:
@@ -124,7 +132,7 @@ def main() -> None:
              "| variant | steady s/it | tokens/s | TFLOP/s/GPU | MFU | first iteration s | wall s | ratio |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in results.items():
-        ratio = ""
+        ratio = "FAILED (see its log)" if r.get("failed") else ""
         if "throughput_vs_native" in r:
             ratio = (f"throughput {r['throughput_vs_native']:.3f}x native, "
                      f"first-iteration time {r['first_iteration_vs_native']:.2f}x native")

@@ -164,3 +164,21 @@ def test_pth_file_installs_compat_and_is_shipped():
     assert pth.startswith("import ") and "install()" in pth
     installed = [p for d in site.getsitepackages() for p in __import__("pathlib").Path(d).glob("unified_train_compat.pth")]
     assert installed and installed[0].read_text().strip() == pth
+
+
+def test_bridge_recipes_import_without_energon(tmp_path):
+    """Like on the GPU node (no megatron-energon): Bridge's recipe package decorates and subclasses energon
+    classes at import; the placeholder keeps that import working (the native Bridge baseline needs it)."""
+    code = (
+        "import importlib.machinery as m\n"
+        "orig = m.PathFinder.find_spec\n"
+        "m.PathFinder.find_spec = staticmethod(lambda n, p=None, t=None: None if n == 'megatron.energon' "
+        "else orig(n, p, t))\n"
+        "from megatron.bridge.recipes.gpt.vanilla_gpt import vanilla_gpt_pretrain_config\n"
+        "import megatron.energon, unified_train.compat as c\n"
+        "assert isinstance(megatron.energon, c._Absent)\n"
+        "print('RECIPE', type(vanilla_gpt_pretrain_config().model).__name__)\n"
+    )
+    proc = run_python(code, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "RECIPE GPTModelProvider" in proc.stdout

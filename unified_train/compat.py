@@ -21,6 +21,7 @@ The traps:
 
 from __future__ import annotations
 
+import abc
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -39,8 +40,9 @@ def _has_module(name: str) -> bool:
         return False
 
 
-class _AbsentType(type):
-    """Metaclass of placeholder classes: nested attributes (`te.ops.Sequential`) are placeholders too."""
+class _AbsentType(abc.ABCMeta):
+    """Metaclass of placeholder classes: nested attributes (`te.ops.Sequential`) are placeholders too.
+    An ABCMeta, so placeholders can be mixed with abstract base classes in a subclass's bases."""
 
     def __getattr__(cls, attr: str):
         if attr.startswith("__"):
@@ -49,7 +51,13 @@ class _AbsentType(type):
 
 
 def _placeholder(owner: str, name: str, package: str) -> type:
-    def refuse(*_args, **_kwargs):
+    def refuse(cls, *args, **kwargs):
+        # Decorators from the missing package run at import time of modules that merely mention it (Bridge's
+        # recipe package decorates energon task encoders): applied to a function or class, they leave it as is.
+        if len(args) == 1 and not kwargs and callable(args[0]):
+            return args[0]
+        if not args and kwargs:  # a decorator factory: @stateless(restore_seeds=True)
+            return lambda target: target
         raise ImportError(f"{owner}.{name} needs {package}, which is not installed")
 
     return _AbsentType(name, (), {"__new__": refuse, "__module__": owner, "_package": package})
@@ -58,8 +66,8 @@ def _placeholder(owner: str, name: str, package: str) -> type:
 class _Absent(types.ModuleType):
     """A module stand-in for a package that is not installed.
 
-    Attribute access yields placeholder classes (so annotations and `isinstance` checks work) whose
-    instantiation raises ImportError naming the missing package.
+    Attribute access yields placeholder classes (so annotations, subclassing and `isinstance` checks work)
+    whose instantiation raises ImportError naming the missing package; used as a decorator they are inert.
     """
 
     def __init__(self, name: str, package: str):

@@ -58,6 +58,7 @@ def job_environment(cfg):
 def run(cfg) -> None:
     """Entry from Hydra: dispatch on `mode`."""
     os.environ.update(process_env(cfg))  # before torch is imported: some settings are read at import
+    os.environ["UNIFIED_TRAIN_SWEEP_ID"] = sweep_id()  # for spawned ranks and workers
     if cfg.mode == "parity":
         from unified_train import parity
 
@@ -87,6 +88,18 @@ def run(cfg) -> None:
         _run_in_fresh_process(cfg, run_dir)
     else:
         run_job(cfg, run_dir)
+
+
+def sweep_id() -> str:
+    """The multirun's sweep directory name (tags the W&B runs of one sweep), or 'single'."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+        return os.path.basename(hc.sweep.dir.rstrip("/")) if hc.mode == RunMode.MULTIRUN else "single"
+    except ValueError:  # no Hydra context (a spawned worker): the caller passes it on
+        return os.environ.get("UNIFIED_TRAIN_SWEEP_ID", "single")
 
 
 def _hydra_output_dir() -> str:
@@ -139,13 +152,15 @@ def run_job(cfg, run_dir: str) -> dict:
     from unified_train import backends, tracking
 
     os.environ.update(process_env(cfg))
+    tracking.apply_env(tracking.wandb_env(cfg, run_dir, sweep_id()))
     _pin_compiler_determinism()
     os.makedirs(run_dir, exist_ok=True)
     world = plan.world_size(cfg)
     rank = int(os.environ.get("RANK", "0"))
     last_rank = rank == world - 1
     sink = tracking.MetricsSink(run_dir, backend=cfg.backend.name, world_size=world, write=last_rank,
-                                tokens_per_iteration=cfg.train.global_batch_size * cfg.train.seq_length)
+                                tokens_per_iteration=cfg.train.global_batch_size * cfg.train.seq_length,
+                                unified_config=OmegaConf.to_container(cfg, resolve=True))
     backend = backends.get(cfg.backend.name)
     init_process_group(world)
     native = backend.native_config(cfg, run_dir, world_size=world)

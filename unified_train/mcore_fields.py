@@ -9,6 +9,7 @@ its stack (flags for MLM, attributes for Bridge). Values are plain Python (names
 from __future__ import annotations
 
 import importlib.util
+import os
 
 from unified_train import config as C
 
@@ -214,3 +215,20 @@ def tokenizer(cfg) -> dict:
 
 def rng(cfg) -> dict:
     return dict(seed=cfg.rng.seed)
+
+
+def logger(cfg, run_dir: str | None) -> dict:
+    """LoggerConfig fields (MLM flags and Bridge's LoggerConfig share the names). W&B grouping (group = pair id,
+    job_type = backend, tags) travels in the environment both stacks' `wandb.init` reads: see tracking.py."""
+    from unified_train import tracking
+
+    out = dict(log_interval=cfg.logger.log_interval, tensorboard_dir=None, wandb_project=None,
+               wandb_exp_name=None, wandb_save_dir=None, wandb_entity=None)
+    if run_dir is None:
+        return out
+    if cfg.logger.tensorboard:
+        out["tensorboard_dir"] = os.path.join(run_dir, "tensorboard")
+    if cfg.logger.wandb.enabled:
+        out.update(wandb_project=cfg.logger.wandb.project, wandb_exp_name=tracking.run_name(cfg),
+                   wandb_save_dir=os.path.join(run_dir, "wandb"), wandb_entity=cfg.logger.wandb.entity)
+    return out

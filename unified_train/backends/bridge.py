@@ -113,8 +113,7 @@ def build_container(cfg, run_dir: str | None):
             create_attention_mask=False,
         ),
         logger=LoggerConfig(
-            log_interval=cfg.logger.log_interval,
-            tensorboard_dir=os.path.join(run_dir, "tensorboard") if (run_dir and cfg.logger.tensorboard) else None,
+            **mcore_fields.logger(cfg, run_dir),
             filter_warnings=False,  # the default filter silences WARNING on every existing logger, ours too
         ),
         tokenizer=TokenizerConfig(tokenizer_type=tok["tokenizer_type"], vocab_size=tok["vocab_size"],
@@ -263,6 +262,8 @@ def train(native: Native, sink) -> None:
         def on_train_start(self, ctx):
             # Bridge's FLOP count needs the vocabulary size, which setup takes from the tokenizer.
             sink.set_flops_per_iteration(flop_utils.num_floating_point_operations(c, c.train.global_batch_size))
+            ctx.state.wandb_logger  # Bridge starts its W&B run lazily, on first access (last rank only)
+            sink.training_started()
 
         def on_train_step_start(self, ctx):
             self.start = time.perf_counter()

@@ -143,10 +143,9 @@ def build_argv(cfg, run_dir: str | None) -> list[str]:
 
     dtype = cfg.precision.dtype
     values.update(bf16=dtype == "bf16", fp16=dtype == "fp16")
-    values.update(log_interval=cfg.logger.log_interval, enable_one_logger=False)  # one_logger phones home
+    values["enable_one_logger"] = False  # one_logger phones home
+    values.update(mcore_fields.logger(cfg, run_dir))
     if run_dir is not None:
-        if cfg.logger.tensorboard:
-            values["tensorboard_dir"] = os.path.join(run_dir, "tensorboard")
         if cfg.checkpoint.save:
             values.update(save=os.path.join(run_dir, "checkpoints"),
                           save_interval=cfg.checkpoint.save_interval or cfg.train.iters)
@@ -471,6 +470,7 @@ def train(native: Native, sink) -> None:
     def capture_optimizer(*a, **kw):
         result = original_setup(*a, **kw)
         _OPTIMIZER.append(result[1])
+        sink.training_started()
         return result
 
     patches = [mock.patch.object(training, "train_step", timed_train_step),

@@ -1,0 +1,70 @@
+"""W&B grouping on CPU: everything short of training, with the real wandb in offline mode."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from ut_helpers import compose, subprocess_env
+
+from unified_train import mcore_fields, plan, tracking
+from unified_train.backends import mlm
+
+
+def test_pair_halves_share_the_group_and_differ_in_job_type(tmp_path):
+    envs = {b: tracking.wandb_env(compose([f"backend={b}", "model=llama32_1b"]), str(tmp_path), "s1")
+            for b in ("mlm", "bridge")}
+    assert envs["mlm"]["WANDB_RUN_GROUP"] == envs["bridge"]["WANDB_RUN_GROUP"]
+    assert envs["mlm"]["WANDB_RUN_GROUP"] == plan.pair_id(compose(["model=llama32_1b"]))
+    assert (envs["mlm"]["WANDB_JOB_TYPE"], envs["bridge"]["WANDB_JOB_TYPE"]) == ("mlm", "bridge")
+    assert envs["mlm"]["WANDB_TAGS"] == "llama32_1b,tp1,pp1,sweep:s1"
+    other = tracking.wandb_env(compose(["backend=mlm", "model=llama32_1b", "optim.lr=1e-4"]), str(tmp_path), "s1")
+    assert other["WANDB_RUN_GROUP"] != envs["mlm"]["WANDB_RUN_GROUP"]  # a different pair
+
+
+def test_mode_follows_the_api_key(monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert tracking.wandb_env(compose(), str(tmp_path), "x")["WANDB_MODE"] == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "k" * 40)
+    assert tracking.wandb_env(compose(), str(tmp_path), "x")["WANDB_MODE"] == "online"
+    assert tracking.wandb_env(compose(["logger.wandb.mode=disabled"]), str(tmp_path), "x")["WANDB_MODE"] == "disabled"
+
+
+def test_logger_none_disables_wandb_in_both_stacks(tmp_path):
+    cfg = compose(["logger=none"])
+    assert all(v is None for v in tracking.wandb_env(cfg, str(tmp_path), "x").values())
+    assert mcore_fields.logger(cfg, str(tmp_path))["wandb_project"] is None
+    assert "--wandb-project" not in mlm.build_argv(cfg, str(tmp_path))
+
+
+def test_both_stacks_get_project_name_and_save_dir(tmp_path):
+    cfg = compose(["logger.wandb.project=proj", "logger.wandb.entity=team"])
+    argv = mlm.build_argv(cfg, str(tmp_path))
+    for flag, value in (("--wandb-project", "proj"), ("--wandb-entity", "team"),
+                        ("--wandb-exp-name", "vanilla_gpt-tp1-pp1-mlm"),
+                        ("--wandb-save-dir", str(tmp_path / "wandb")), ("--tensorboard-dir", str(tmp_path / "tensorboard"))):
+        assert argv[argv.index(flag) + 1] == value  # MLM sends metrics to W&B only with a TensorBoard dir
+
+
+def test_offline_run_carries_group_job_type_tags_and_history(tmp_path):
+    """A real offline wandb run started the way the stacks start theirs, read back from its .wandb file."""
+    cfg = compose(["backend=bridge", "model=qwen3_8b"])
+    env = {k: v for k, v in tracking.wandb_env(cfg, str(tmp_path), "sweep7").items() if v is not None}
+    code = (
+        "import wandb\n"
+        "run = wandb.init(dir=%r, name='n', project='p', config={'native': 1})\n"
+        "for i in range(1, 4): wandb.log({'lm loss': 10.0 - i}, step=i)\n"
+        "from unified_train import tracking\n"
+        "tracking.add_unified_config({'model': {'name': 'qwen3_8b'}})\n"
+        "wandb.finish()\n" % str(tmp_path / "wandb")
+    )
+    os.makedirs(tmp_path / "wandb")
+    proc = subprocess.run([sys.executable, "-c", code], env={**subprocess_env(), **env}, capture_output=True,
+                          text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    run = tracking.read_offline_run(str(tmp_path / "wandb"))
+    assert run["group"] == plan.pair_id(cfg) and run["job_type"] == "bridge"
+    assert run["tags"] == ["qwen3_8b", "tp1", "pp1", "sweep:sweep7"]
+    assert [h["lm loss"] for h in run["history"] if "lm loss" in h] == [9.0, 8.0, 7.0]
+    assert run["config"]["unified"] == {"model": {"name": "qwen3_8b"}} and run["config"]["native"] == 1
