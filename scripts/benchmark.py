@@ -77,6 +77,9 @@ def main() -> None:
     parser.add_argument("--label", required=True)
     parser.add_argument("--out", default=None, help="directory for logs and the JSON/markdown results")
     parser.add_argument("--skip-pair", action="store_true", help="do not time the in-process pair")
+    parser.add_argument("--no-warmup", action="store_true",
+                        help="skip the discarded first run (it fills the torch.compile/inductor and file caches, "
+                             "which otherwise make whichever variant runs first look slow to start)")
     parser.add_argument("overrides", nargs="*", help="unified_train overrides (after --)")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_"))
@@ -84,6 +87,8 @@ def main() -> None:
     ov = [*QUIET, *args.overrides]
     py = sys.executable
 
+    if not args.no_warmup:
+        run([py, "scripts/native_baseline.py", "mlm", *ov], out / "warmup.log")
     results: dict[str, dict] = {}
     summaries = {}
     for backend in ("mlm", "bridge"):

@@ -123,3 +123,24 @@ def test_cfg_job_does_not_even_import_the_megatron_namespace(tmp_path):
     proc = run_cli(["--cfg", "job"], tmp_path, python_flags=("-X", "importtime"), timeout=120)
     assert proc.returncode == 0
     assert not re.search(r"\|\s*megatron$", proc.stderr, re.MULTILINE)
+
+
+def test_training_without_a_gpu_is_refused_before_anything_is_written(tmp_path):
+    proc = run_cli([], tmp_path, timeout=120)  # mode=train, default config
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("unified_train:")]
+    assert len(lines) == 1 and "no GPU is visible" in lines[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_dry_run_lists_every_sweep_job_with_its_world_size(tmp_path):
+    from ut_helpers import REPO
+
+    proc = run_cli(["--dry-run", "-m", "-cd", str(REPO / "sweeps"), "-cn", "tp_size", "mode=parity"], tmp_path,
+                   timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "overrides" not in line]
+    assert len(rows) == 12  # tp {1,2,4} x two sizes x two backends
+    assert all(row.rstrip().endswith("| ok |") for row in rows)
+    assert any("parallel.tp=4 model=gpt_350m backend=bridge | 4 |" in row for row in rows)
+    assert list(tmp_path.iterdir()) == []

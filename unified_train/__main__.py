@@ -6,7 +6,9 @@ are printed one per line and the exit code is 2. Then Hydra runs the job(s) thro
 
 from __future__ import annotations
 
+import logging
 import sys
+import warnings
 
 import hydra
 
@@ -25,16 +27,27 @@ def _hydra_main(cfg) -> None:
 
 
 def main() -> None:
+    # multistorageclient's Hydra plugin logs a traceback whenever its msc:// config source is unconfigured.
+    logging.getLogger("multistorageclient.contrib.hydra").setLevel(logging.CRITICAL)
+    warnings.filterwarnings("ignore", message="provider=msc-universal")
     register_configs()
     argv = sys.argv[1:]
+    dry_run = "--dry-run" in argv
+    if dry_run:
+        argv = [a for a in argv if a != "--dry-run"]
+        sys.argv = sys.argv[:1] + argv
     if not any(a.split("=")[0] in _INSPECT_FLAGS for a in argv):
         from unified_train import sweep
 
-        _, errors = sweep.validate(argv)
+        points, errors = sweep.validate(argv)
+        if dry_run:
+            print(sweep.dry_run_table(points))
         if errors:
             for line in errors:
                 print(f"unified_train: {line}", file=sys.stderr)
             sys.exit(2)
+        if dry_run:
+            return
     _hydra_main()
 
 

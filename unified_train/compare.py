@@ -7,7 +7,6 @@ process or host ran the jobs. Also a Hydra callback that runs at the end of ever
 from __future__ import annotations
 
 import json
-import math
 import os
 import struct
 import sys

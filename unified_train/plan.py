@@ -120,8 +120,6 @@ def check(cfg) -> list[str]:
                           "Bridge sizes the learned position table from the sequence length, so the stacks would "
                           "initialise differently; set model.max_position_embeddings=null")
     warmup, decay = C.warmup_iters(cfg), C.decay_iters(cfg)
-    if decay > t.iters and cfg.sched.lr_decay_iters is not None:
-        pass  # decaying past the end of training is legitimate
     if warmup >= decay:
         errors.append(f"sched.lr_warmup_iters={warmup} must be below the decay length {decay}: "
                       f"set sched.lr_warmup_iters=null to derive it")
@@ -176,3 +174,68 @@ def check_run_dir(run_dir: str) -> str | None:
         return (f"run_dir={run_dir} already holds {', '.join(sorted(leftovers)[:4])}: "
                 "choose a new run_dir (or hydra.run.dir); resuming is explicit via checkpoint.load")
     return None
+
+
+def param_count(cfg) -> int:
+    """Parameters of the model (dense, MoE and learned-position parts; MLA counted as multi-head attention)."""
+    m = cfg.model
+    h, layers = m.hidden_size, m.num_layers
+    heads = m.num_attention_heads
+    head_dim = m.kv_channels or h // heads
+    groups = m.num_query_groups or heads
+    attention = h * head_dim * (heads + 2 * groups) + heads * head_dim * h
+    gate = 2 if m.activation == "swiglu" else 1
+    ffn = C.ffn_hidden_size(cfg)
+    dense_mlp = (gate + 1) * h * ffn
+    mlp = [dense_mlp] * layers
+    if m.num_experts is not None:
+        expert = (gate + 1) * h * (m.moe_ffn_hidden_size or ffn)
+        shared = (gate + 1) * h * (m.moe_shared_expert_intermediate_size or 0)
+        moe = m.num_experts * expert + shared + h * m.num_experts
+        mlp = [dense_mlp] * m.moe_first_dense_layers + [moe] * (layers - m.moe_first_dense_layers)
+    embeddings = m.vocab_size * h * (2 if m.untie_embeddings_and_output_weights else 1)
+    if m.position_embedding_type == "learned_absolute":
+        embeddings += C.position_table_size(cfg) * h
+    return embeddings + layers * (attention + 4 * h) + sum(mlp)
+
+
+def memory_gib_per_gpu(cfg) -> float:
+    """Weights, gradients and optimizer state per GPU (activations excluded): bf16 weights, fp32 gradients,
+    fp32 master weights and two Adam moments, the last three sharded over data parallelism with the
+    distributed optimizer."""
+    p = cfg.parallel
+    params = param_count(cfg) / (p.tp * p.pp)
+    weight_bytes = 2 if cfg.precision.dtype in ("bf16", "fp16") else 4
+    state = 4 + 8 + (4 if weight_bytes == 2 else 0)
+    dp = data_parallel_size(cfg) if cfg.optim.use_distributed_optimizer else 1
+    return params * (weight_bytes + 4 + state / dp) / 2**30
+
+
+def gpu_memory_gib() -> float | None:
+    """Memory of the first visible GPU from nvidia-smi (no torch), or None without one."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=10)
+        return float(out.stdout.split()[0]) / 1024 if out.returncode == 0 and out.stdout.strip() else None
+    except (OSError, ValueError, subprocess.SubprocessError):
+        return None
+
+
+def check_resources(cfg) -> list[str]:
+    """For a training job started here: enough GPUs, and weights + optimizer state that fit them."""
+    if cfg.mode != "train" or "WORLD_SIZE" in os.environ:  # under torchrun/Slurm the launcher sized the job
+        return []
+    gpus = (cfg.parallel.gpus_per_node or visible_gpus()) * cfg.parallel.nnodes
+    need = world_size(cfg)
+    if gpus == 0:
+        return [f"no GPU is visible: training needs {need} (mode=parity and mode=export run on the CPU)"]
+    if need > gpus:
+        return [f"parallel.tp*pp*cp*dp = {need} GPUs but {gpus} are visible: lower the parallel sizes"]
+    total = gpu_memory_gib()
+    est = memory_gib_per_gpu(cfg)
+    if total is not None and est > 0.9 * total:
+        return [f"model.name={cfg.model.name}: weights + optimizer state need ~{est:.0f} GiB per GPU, the GPU has "
+                f"{total:.0f} GiB: raise parallel.tp/parallel.pp or use a smaller model"]
+    return []

@@ -48,8 +48,9 @@ def _compose(config_dir: str | None, config_name: str, overrides: list[str], wit
 
     register_configs()
     GlobalHydra.instance().clear()
-    search = [f"hydra.searchpath=[file://{config_dir}]"] if config_dir else []
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+    # As with `--config-dir`: that directory holds the primary config; conf/ stays on the search path.
+    search = [f"hydra.searchpath=[file://{CONF_DIR}]"] if config_dir else []
+    with initialize_config_dir(config_dir=config_dir or CONF_DIR, version_base="1.3"):
         return compose(config_name=config_name, overrides=overrides + search, return_hydra_config=with_hydra)
 
 
@@ -105,10 +106,25 @@ def validate(argv: list[str]) -> tuple[list[Point], list[str]]:
         point = Point(overrides=combo)
         try:
             point.cfg = _compose(config_dir, config_name, combo)
-            point.errors = plan.check(point.cfg)
+            point.errors = plan.check(point.cfg) or plan.check_resources(point.cfg)
         except Exception as exc:  # noqa: BLE001
             point.errors = [_one_line(exc)]
         points.append(point)
         label = f"[{' '.join(combo)}] " if args.multirun and len(combos) > 1 else ""
         errors += [label + e for e in point.errors]
     return points, errors
+
+
+def dry_run_table(points: list[Point]) -> str:
+    """`--dry-run`: the jobs a command would start, with their world sizes, without starting them."""
+    from unified_train import plan
+
+    lines = ["| # | overrides | world size | params | GiB/GPU (weights+optimizer) | status |", "|---:|---|---:|---:|---:|---|"]
+    for i, p in enumerate(points):
+        if p.cfg is None:
+            lines.append(f"| {i} | {' '.join(p.overrides)} | | | | {'; '.join(p.errors)} |")
+            continue
+        status = "; ".join(p.errors) if p.errors else "ok"
+        lines.append(f"| {i} | {' '.join(p.overrides)} | {plan.world_size(p.cfg)} | {plan.param_count(p.cfg) / 1e6:,.0f}M "
+                     f"| {plan.memory_gib_per_gpu(p.cfg):.1f} | {status} |")
+    return "\n".join(lines)

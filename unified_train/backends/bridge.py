@@ -296,22 +296,13 @@ def train(native: Native, sink) -> None:
 
 def teardown() -> None:
     """Bridge destroys its parallel state itself; drop what it leaves (caches, compiled kernels, memory)."""
-    import gc
-
-    import torch
     from megatron.bridge.training.utils import checkpoint_utils
 
     for cached in ("read_train_state", "read_run_config"):
         fn = getattr(checkpoint_utils, cached, None)
         if hasattr(fn, "cache_clear"):
             fn.cache_clear()
-    for key in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
-        os.environ.pop(key, None)
-    torch._dynamo.reset()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+    common.release_process_state()
 
 
 def write_native(native: Native, directory: str) -> None:

@@ -79,3 +79,19 @@ def quiet():
     """Silence the stacks' banner printing (MLM prints ~800 arguments) while building configs."""
     with contextlib.redirect_stdout(io.StringIO()):
         yield
+
+
+def release_process_state() -> None:
+    """What either stack leaves in the process after a job, beyond its own globals: the attention-backend
+    variables MCore asserts on (a later job with another backend would fail), torch.compile caches, and memory."""
+    import gc
+
+    import torch
+
+    for key in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
+        os.environ.pop(key, None)
+    torch._dynamo.reset()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()

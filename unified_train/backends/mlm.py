@@ -245,7 +245,6 @@ def dataset_config(args, data_seed: int | None = None):
 def describe(native: Native) -> dict[str, object]:
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler  # noqa: F401
     from megatron.training import global_vars
     from megatron.training.training import (
         get_megatron_ddp_config,
@@ -500,9 +499,6 @@ _OPTIMIZER: list = []
 
 def teardown() -> None:
     """Drop every global MLM's pretrain leaves behind, keeping the world process group."""
-    import gc
-
-    import torch
     from megatron.training import global_vars
     from megatron.training.training import destroy_global_state
 
@@ -513,13 +509,7 @@ def teardown() -> None:
     if global_vars._GLOBAL_SIGNAL_HANDLER is not None:
         global_vars._GLOBAL_SIGNAL_HANDLER.release()
     destroy_global_state()
-    for key in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
-        os.environ.pop(key, None)
-    torch._dynamo.reset()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+    common.release_process_state()
 
 
 def write_native(native: Native, directory: str) -> None:
