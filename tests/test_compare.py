@@ -93,3 +93,42 @@ def test_compare_main_exit_codes(tmp_path, capsys):
 def test_bf16_ulps(a, b, ulps):
     assert compare.bf16_ulps(a, b) == ulps
     assert compare.bf16_ulps(b, a) == ulps
+
+
+def _tp_run(directory, backend, tp, losses):
+    _write_run(directory, backend, pair_id=f"p-tp{tp}", losses=losses)
+    info = json.loads((directory / "run.json").read_text())
+    (directory / "run.json").write_text(json.dumps({**info, "tp": tp, "tp_group": "g1"}))
+
+
+def test_gates_tell_bitwise_from_close_from_diverged():
+    ref = dict(enumerate(LOSSES, start=1))
+    close = {k: v * 1.001 for k, v in ref.items()}
+    far = {k: v * 1.2 for k, v in ref.items()}
+    assert compare.golden(ref, close)[0] and compare.statistical(ref, close)[0]
+    assert not compare.golden(ref, far)[0]
+    assert not compare.statistical(ref, far)[0]  # 20 % off: outside the pointwise and final-loss tolerances
+    flipped = {k: LOSSES[-k] for k in ref}  # same values, anti-correlated curve
+    assert not compare.statistical(ref, flipped)[0]
+
+
+def test_writes_report_plot_and_golden_values(tmp_path):
+    mlm = _write_run(tmp_path / "0_mlm", "mlm")
+    _write_run(tmp_path / "0_bridge", "bridge")
+    text, ok = compare.report([str(tmp_path)], out_dir=str(tmp_path))
+    assert ok and (tmp_path / "comparison.md").read_text().strip() == text.strip()
+    assert (tmp_path / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    gv = json.loads((mlm / "golden_values.json").read_text())
+    assert gv["lm loss"]["start_step"] == 1 and gv["lm loss"]["end_step"] == len(LOSSES)
+    assert gv["lm loss"]["values"]["3"] == round(LOSSES[2], 5)
+    assert "- statistical: **pass**" in text and "- golden: **pass**" in text
+
+
+def test_cross_tp_convergence_table(tmp_path):
+    _tp_run(tmp_path / "0_mlm", "mlm", 1, LOSSES)
+    _tp_run(tmp_path / "1_mlm", "mlm", 2, [x * 1.002 for x in LOSSES])
+    _tp_run(tmp_path / "2_mlm", "mlm", 4, [x * 1.3 for x in LOSSES])
+    text, _ = compare.report([str(tmp_path)])
+    assert "## convergence across TP: mlm, vanilla_gpt (reference tp=1)" in text
+    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "pearson" in line}
+    assert "| pass |" in rows["2"] and "| FAIL |" in rows["4"]

@@ -1,18 +1,31 @@
-"""Correlation verdicts over sweep directories: pair runs by pair id and compare their per-iteration losses.
+"""Correlation verdicts over sweep directories: pair runs by pair id and judge their per-iteration losses.
 
 Reads only files (`run.json`, `metrics.jsonl`, `summary.json` in each job directory), so it works whatever
-process or host ran the jobs. Also a Hydra callback that runs at the end of every multirun.
+process or host ran the jobs. Also a Hydra callback that runs at the end of every multirun, and a command:
+
+    python -m unified_train.compare SWEEP_DIR [SWEEP_DIR ...] [--gate exact|golden|statistical]
+
+Gates (MLM = reference, Bridge = candidate):
+- exact: every lm loss, grad norm and lr bitwise equal;
+- golden: Megatron-LM's functional-test check, |a-b| <= 0.05*|a| per step (a few failing steps allowed as there);
+- statistical: Megatron-Bridge's convergence check: Pearson >= 0.95, pointwise tolerance 10/5/2 % for losses
+  above 2 / 0.5-2 / below 0.5, at most 10 % of points outside it, final loss within 3 %.
+The statistical gate is also applied across tensor-parallel sizes of one backend and model (the TP table).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 import os
 import struct
 import sys
 from dataclasses import dataclass, field
 
 from hydra.experimental.callback import Callback
+
+GATES = ("exact", "golden", "statistical")
 
 
 @dataclass
@@ -27,6 +40,10 @@ class Run:
     @property
     def ok(self) -> bool:
         return self.summary is not None and bool(self.metrics)
+
+    @property
+    def label(self) -> str:
+        return f"{self.backend} tp={self.info.get('tp')}"
 
 
 def load_runs(sweep_dirs: list[str]) -> list[Run]:
@@ -59,17 +76,63 @@ def bf16_ulps(a: float, b: float) -> int:
     return abs(ordered(a) - ordered(b))
 
 
-def _series(run: Run, key: str = "lm loss") -> dict[int, float]:
+def series(run: Run, key: str = "lm loss") -> dict[int, float]:
     return {r["iteration"]: r[key] for r in run.metrics if isinstance(r.get(key), float)}
 
 
-def exact(a: Run, b: Run) -> bool:
+# --- gates ------------------------------------------------------------------------------------------------------
+
+
+def exact(a: Run, b: Run) -> tuple[bool, str]:
     keys = ("lm loss", "grad_norm", "lr")
-    return all(_series(a, k) == _series(b, k) for k in keys) and bool(_series(a))
+    differing = [k for k in keys if series(a, k) != series(b, k)]
+    if not series(a):
+        return False, "no losses"
+    return not differing, "bitwise equal" if not differing else f"differs in {', '.join(differing)}"
+
+
+def golden(ref: dict[int, float], cand: dict[int, float], rtol: float = 0.05) -> tuple[bool, str]:
+    steps = sorted(set(ref) & set(cand))
+    if not steps:
+        return False, "no common steps"
+    bad = [s for s in steps if abs(ref[s] - cand[s]) > rtol * abs(ref[s])]
+    allowed = min(max(len(steps) // 100, 1), 50) if len(steps) > 1 else 0
+    return len(bad) <= allowed, f"{len(bad)} of {len(steps)} steps beyond rtol {rtol} (allowed {allowed})"
+
+
+def _tolerance(loss: float) -> float:
+    return 0.10 if loss > 2.0 else 0.05 if loss >= 0.5 else 0.02
+
+
+def statistical(ref: dict[int, float], cand: dict[int, float]) -> tuple[bool, str]:
+    steps = sorted(set(ref) & set(cand))
+    if len(steps) < 2:
+        return False, "fewer than 2 common steps"
+    x, y = [ref[s] for s in steps], [cand[s] for s in steps]
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    sx = math.sqrt(sum((v - mx) ** 2 for v in x))
+    sy = math.sqrt(sum((v - my) ** 2 for v in y))
+    cov = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    if sx == 0 or sy == 0:  # a flat curve: correlated only with itself
+        pearson = 1.0 if x == y else 0.0
+    else:
+        pearson = cov / (sx * sy)
+    outside = sum(abs(a - b) > _tolerance(a) * abs(a) for a, b in zip(x, y)) / len(steps)
+    final = abs(x[-1] - y[-1]) / abs(x[-1])
+    ok = pearson >= 0.95 and outside <= 0.10 and final <= 0.03
+    return ok, f"pearson {pearson:.4f}, {outside:.0%} outside tolerance, final loss within {final:.2%}"
+
+
+def verdicts(a: Run, b: Run) -> dict[str, tuple[bool, str]]:
+    ref, cand = series(a), series(b)
+    return {"exact": exact(a, b), "golden": golden(ref, cand), "statistical": statistical(ref, cand)}
+
+
+# --- report ----------------------------------------------------------------------------------------------------
 
 
 def pair_table(a: Run, b: Run) -> str:
-    la, lb = _series(a), _series(b)
+    la, lb = series(a), series(b)
     lines = [f"| iter | {a.backend} lm loss | {b.backend} lm loss | abs diff | rel diff | bf16 ULPs |",
              "|---:|---:|---:|---:|---:|---:|"]
     for it in sorted(set(la) | set(lb)):
@@ -82,27 +145,95 @@ def pair_table(a: Run, b: Run) -> str:
     return "\n".join(lines)
 
 
-def report(sweep_dirs: list[str]) -> tuple[str, bool]:
-    """The comparison report (markdown) and whether every pair passed the exact gate."""
+def golden_values(run: Run) -> dict:
+    """Megatron-LM functional-test format (values rounded to 5 decimals, as its harness records them)."""
+    values = series(run)
+    steps = sorted(values)
+    return {"lm loss": {"start_step": steps[0] if steps else 0, "end_step": steps[-1] if steps else 0,
+                        "step_interval": 1, "values": {str(s): round(values[s], 5) for s in steps}}}
+
+
+def tp_table(runs: list[Run]) -> list[str]:
+    """Statistical gate across tensor-parallel sizes of the same backend and model (reference: smallest tp)."""
+    groups: dict[tuple, list[Run]] = {}
+    for run in runs:
+        if run.ok and run.info.get("tp_group"):
+            groups.setdefault((run.backend, run.info["tp_group"]), []).append(run)
+    out = []
+    for (backend, _), members in sorted(groups.items()):
+        tps = sorted({m.info["tp"] for m in members})
+        if len(tps) < 2:
+            continue
+        members.sort(key=lambda r: r.info["tp"])
+        ref = members[0]
+        out += [f"## convergence across TP: {backend}, {ref.info.get('model')} (reference tp={ref.info['tp']})", "",
+                "| tp | final lm loss | statistical gate | detail |", "|---:|---:|---|---|"]
+        for m in members:
+            ok, detail = statistical(series(ref), series(m))
+            final = series(m)[max(series(m))]
+            out.append(f"| {m.info['tp']} | {final:.5f} | {'pass' if ok else 'FAIL'} | {detail} |")
+        out.append("")
+    return out
+
+
+def plot(pairs: list[tuple[Run, Run]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, max(1, len(pairs)), figsize=(6 * max(1, len(pairs)), 7), squeeze=False)
+    for col, (a, b) in enumerate(pairs):
+        la, lb = series(a), series(b)
+        steps = sorted(set(la) & set(lb))
+        axes[0][col].plot(sorted(la), [la[s] for s in sorted(la)], label=a.backend)
+        axes[0][col].plot(sorted(lb), [lb[s] for s in sorted(lb)], "--", label=b.backend)
+        axes[0][col].set(title=f"{a.info.get('model')} tp={a.info.get('tp')} pp={a.info.get('pp')} ({a.pair_id})",
+                         ylabel="lm loss")
+        axes[0][col].legend()
+        axes[1][col].plot(steps, [lb[s] - la[s] for s in steps])
+        axes[1][col].set(xlabel="iteration", ylabel=f"{b.backend} - {a.backend}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def report(sweep_dirs: list[str], gate: str = "exact", out_dir: str | None = None) -> tuple[str, bool]:
+    """The comparison report (markdown) and whether every pair passed `gate`. With `out_dir`, also writes
+    comparison.md, comparison.png and a golden-values JSON into every run directory."""
     runs = load_runs(sweep_dirs)
     by_pair: dict[str, list[Run]] = {}
     for run in runs:
         by_pair.setdefault(run.pair_id, []).append(run)
-    out, all_ok = ["# unified_train comparison", ""], True
+    out, all_ok, complete_pairs = ["# unified_train comparison", ""], True, []
     for pid, members in sorted(by_pair.items()):
         backends = {r.backend: r for r in members}
-        out.append(f"## pair {pid} ({members[0].info.get('model')}, tp={members[0].info.get('tp')}, "
-                   f"pp={members[0].info.get('pp')})")
+        first = members[0].info
+        out.append(f"## pair {pid} ({first.get('model')}, tp={first.get('tp')}, pp={first.get('pp')})")
         missing = [b for b in ("mlm", "bridge") if b not in backends or not backends[b].ok]
         if missing:
             all_ok = False
             out.append(f"**incomplete**: {', '.join(missing)} half missing or failed (no metrics/summary)\n")
             continue
         a, b = backends["mlm"], backends["bridge"]
-        verdict = exact(a, b)
-        all_ok &= verdict
-        out += [pair_table(a, b), "", f"verdict: **{'exact (bitwise)' if verdict else 'NOT bitwise'}**", ""]
-    return "\n".join(out), all_ok
+        complete_pairs.append((a, b))
+        result = verdicts(a, b)
+        all_ok &= result[gate][0]
+        out += [pair_table(a, b), ""]
+        out += [f"- {name}: **{'pass' if ok else 'FAIL'}** ({detail})" for name, (ok, detail) in result.items()]
+        out += ["", f"verdict: **{'exact (bitwise)' if result['exact'][0] else 'NOT bitwise'}**", ""]
+    out += tp_table(runs)
+    text = "\n".join(out)
+    if out_dir is not None:
+        with open(os.path.join(out_dir, "comparison.md"), "w") as f:
+            f.write(text + "\n")
+        if complete_pairs:
+            plot(complete_pairs, os.path.join(out_dir, "comparison.png"))
+        for run in runs:
+            if run.ok:
+                with open(os.path.join(run.path, "golden_values.json"), "w") as f:
+                    json.dump(golden_values(run), f, indent=2)
+    return text, all_ok
 
 
 class CompareCallback(Callback):
@@ -110,19 +241,21 @@ class CompareCallback(Callback):
 
     def on_multirun_end(self, config, **kwargs) -> None:
         sweep_dir = config.hydra.sweep.dir
-        text, ok = report([sweep_dir])
-        with open(os.path.join(sweep_dir, "comparison.md"), "w") as f:
-            f.write(text + "\n")
+        text, _ = report([sweep_dir], out_dir=sweep_dir)
         print(text)
         print(f"comparison written to {os.path.join(sweep_dir, 'comparison.md')}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
+    parser = argparse.ArgumentParser(prog="python -m unified_train.compare", description=__doc__.split("\n")[0])
+    parser.add_argument("sweep_dirs", nargs="*")
+    parser.add_argument("--gate", choices=GATES, default="exact", help="the gate the exit status reports")
+    parser.add_argument("--write", action="store_true", help="write comparison.md/.png into the first directory")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if not args.sweep_dirs:
         print("usage: python -m unified_train.compare SWEEP_DIR [SWEEP_DIR ...]", file=sys.stderr)
         return 2
-    text, ok = report(argv)
+    text, ok = report(args.sweep_dirs, gate=args.gate, out_dir=args.sweep_dirs[0] if args.write else None)
     print(text)
     return 0 if ok else 1
 

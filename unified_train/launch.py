@@ -142,7 +142,8 @@ def write_run_files(cfg, run_dir: str, native, backend) -> None:
     os.makedirs(os.path.join(run_dir, "native"), exist_ok=True)
     OmegaConf.save(cfg, os.path.join(run_dir, "unified_config.yaml"), resolve=True)
     with open(os.path.join(run_dir, "run.json"), "w") as f:
-        json.dump({"backend": cfg.backend.name, "pair_id": plan.pair_id(cfg), "model": cfg.model.name,
+        json.dump({"backend": cfg.backend.name, "pair_id": plan.pair_id(cfg), "tp_group": plan.tp_group_id(cfg),
+                   "model": cfg.model.name,
                    "tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "world_size": plan.world_size(cfg)}, f, indent=2)
     backend.write_native(native, os.path.join(run_dir, "native"))
 

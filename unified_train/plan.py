@@ -152,13 +152,22 @@ def _importable(module: str) -> bool:
     return importlib.util.find_spec(module) is not None
 
 
-def pair_id(cfg) -> str:
+def pair_id(cfg, also_exclude: tuple[str, ...] = ()) -> str:
     """A stable hash of everything that determines the numerics: identical for both halves of a pair."""
     data = OmegaConf.to_container(cfg, resolve=True)
     for key in _NOT_NUMERICS:
         data.pop(key, None)
+    for dotted in also_exclude:
+        section, _, leaf = dotted.partition(".")
+        data.get(section, {}).pop(leaf, None)
     blob = json.dumps(data, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def tp_group_id(cfg) -> str:
+    """Runs that differ only in how the model is split over tensor-parallel ranks (same global batch): the
+    cross-TP convergence table compares these, per backend."""
+    return pair_id(cfg, also_exclude=("parallel.tp", "parallel.sequence_parallel", "parallel.dp"))
 
 
 # Files Hydra itself writes into a job directory before the job runs.
