@@ -62,7 +62,7 @@ def run(cfg) -> None:
     if cfg.mode == "parity":
         from unified_train import parity
 
-        sys.exit(parity.main(cfg))
+        return _finish(parity.main(cfg))
     if cfg.mode == "export":
         from unified_train import export
 
@@ -74,7 +74,9 @@ def run(cfg) -> None:
         print(f"unified_train: {problem}", file=sys.stderr)
         sys.exit(2)
     if cfg.mode == "preflight":
-        raise SystemExit("unified_train: mode=preflight is not implemented yet")
+        from unified_train import preflight
+
+        return _finish(preflight.run(cfg, run_dir))
     if not _cuda_available():
         print("unified_train: no CUDA GPU is visible: training needs one (mode=parity and mode=export run on CPU)",
               file=sys.stderr)
@@ -88,6 +90,16 @@ def run(cfg) -> None:
         _run_in_fresh_process(cfg, run_dir)
     else:
         run_job(cfg, run_dir)
+
+
+def _finish(status: int) -> None:
+    """A failed check ends a single run with its exit status; in a multirun the job fails and the sweep goes on
+    (Hydra's launcher records the exception), so every point gets checked."""
+    if status == 0:
+        return
+    if sweep_id() == "single":
+        sys.exit(status)
+    raise RuntimeError(f"job failed its check (status {status})")
 
 
 def sweep_id() -> str:

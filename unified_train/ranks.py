@@ -35,7 +35,7 @@ def _train_rank(cfg_yaml: str, run_dir: str) -> None:
     launch.run_job(OmegaConf.create(cfg_yaml), run_dir)
 
 
-def rendezvous_probe(cfg_yaml: str, run_dir: str) -> None:
+def rendezvous_probe(cfg_yaml: str, run_dir: str, extra: dict | None = None) -> None:
     """Join the world group (NCCL with GPUs, gloo without), all-reduce, and write `rank_<r>.json`."""
     import torch
     import torch.distributed as dist
@@ -49,7 +49,7 @@ def rendezvous_probe(cfg_yaml: str, run_dir: str) -> None:
     dist.all_reduce(value)
     report = {"rank": rank, "world_size": world, "local_rank": int(os.environ["LOCAL_RANK"]),
               "host": socket.gethostname(), "device": torch.cuda.get_device_name() if cuda else "cpu",
-              "all_reduce_ok": value.item() == world * (world + 1) / 2}
+              "all_reduce_ok": value.item() == world * (world + 1) / 2, **(extra or {})}
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, f"rank_{rank}.json"), "w") as f:
         json.dump(report, f)
