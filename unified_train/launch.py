@@ -165,7 +165,10 @@ def run_job(cfg, run_dir: str) -> dict:
     from unified_train import backends, tracking
 
     os.environ.update(process_env(cfg))
-    tracking.apply_env(tracking.wandb_env(cfg, run_dir, sweep_id()))
+    wandb_env = tracking.wandb_env(cfg, run_dir, sweep_id())
+    if wandb_env["WANDB_DIR"]:
+        os.makedirs(wandb_env["WANDB_DIR"], exist_ok=True)  # wandb falls back to a temp dir if it is missing
+    tracking.apply_env(wandb_env)
     _pin_compiler_determinism()
     os.makedirs(run_dir, exist_ok=True)
     world = plan.world_size(cfg)
