@@ -10,14 +10,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
 import sys
 
 from unittest import mock
 
 from omegaconf import OmegaConf
 
-from unified_train import plan
+from unified_train import plan, ranks
 
 # Set for every job (and every spawned rank) before the first CUDA/NCCL use.
 BASE_ENV = {
@@ -126,12 +125,6 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_process_group(world_size: int) -> None:
     """Own the world process group (one per process, kept across jobs) so neither stack destroys it."""
     import torch
@@ -143,7 +136,7 @@ def init_process_group(world_size: int) -> None:
     os.environ.setdefault("WORLD_SIZE", str(world_size))
     os.environ.setdefault("LOCAL_RANK", "0")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(ranks.free_port()))
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
                             device_id=torch.device("cuda", int(os.environ["LOCAL_RANK"])))

@@ -13,6 +13,13 @@ import socket
 from omegaconf import OmegaConf
 
 
+def free_port() -> int:
+    """A TCP port on this host that nothing listens on now (rendezvous / MASTER_PORT)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def spawn(cfg, run_dir: str, world_size: int, entry=None) -> None:
     """Run `entry(cfg_yaml, run_dir)` (default: the training job) on `world_size` local ranks."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -20,9 +27,7 @@ def spawn(cfg, run_dir: str, world_size: int, entry=None) -> None:
     if cfg.parallel.nnodes != 1:
         raise SystemExit("unified_train: parallel.nnodes > 1 needs one launcher per node; "
                          "use a multi-node launcher (Slurm) or torchrun on every node")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world_size, run_id=f"unified_train_{os.getpid()}",
                           rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}", max_restarts=0,
                           monitor_interval=0.5, start_method="spawn")

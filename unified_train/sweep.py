@@ -89,7 +89,7 @@ def validate(argv: list[str]) -> tuple[list[Point], list[str]]:
     args = get_args_parser().parse_args(argv)
     config_name = args.config_name or "config"
     config_dir = str(Path(args.config_dir).resolve()) if args.config_dir else None
-    base = [o for o in args.overrides]
+    base = list(args.overrides)
     try:
         plain = [o for o in base if "," not in o.split("=", 1)[-1] or o.split("=", 1)[-1].startswith("[")]
         sweeper_params = {}

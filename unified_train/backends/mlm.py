@@ -421,6 +421,7 @@ def train(native: Native, sink) -> None:
     """Run MLM's real `pretrain` in this process, feeding `sink` from hooks on MLM's own functions."""
     import torch
     from megatron.core.enums import ModelType
+    from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
     from megatron.training import training
     from megatron.training.argument_utils import pretrain_cfg_container_from_args
     from megatron.training.global_vars import set_global_variables
@@ -443,9 +444,7 @@ def train(native: Native, sink) -> None:
         torch.cuda.synchronize()
         iteration = training.get_args().curr_iteration + 1
         loss = loss_dict.get("lm loss") if loss_dict else None
-        from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
-
-        lr = get_canonical_lr_for_logging(_OPTIMIZER[0].param_groups) if _OPTIMIZER else None
+        lr = get_canonical_lr_for_logging(optimizer[0].param_groups) if optimizer else None
         sink.record_train(iteration, None if loss is None else float(loss), grad_norm, lr,
                           time.perf_counter() - start)
         return result
@@ -463,12 +462,12 @@ def train(native: Native, sink) -> None:
             sink.record_eval(kind, float(losses["lm loss"]))
         return result
 
-    _OPTIMIZER.clear()
+    optimizer: list = []  # MLM builds it inside pretrain; captured for the learning rate we record
     original_setup = training.setup_model_and_optimizer
 
     def capture_optimizer(*a, **kw):
         result = original_setup(*a, **kw)
-        _OPTIMIZER.append(result[1])
+        optimizer.append(result[1])
         sink.training_started()
         return result
 
@@ -490,11 +489,7 @@ def train(native: Native, sink) -> None:
     finally:
         for p in reversed(patches):
             p.stop()
-        _OPTIMIZER.clear()
         del container
-
-
-_OPTIMIZER: list = []
 
 
 def teardown() -> None:
