@@ -41,7 +41,10 @@ def measure_bf16_peak(n: int = 8192, reps: int = 50) -> float:
     for _ in range(reps):
         a @ b
     torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+    tflops = 2 * n**3 * reps / (time.perf_counter() - start) / 1e12
+    del a, b
+    torch.cuda.empty_cache()  # the variants run in child processes on this GPU
+    return tflops
 
 
 def run(cmd: list[str], log: Path) -> dict:
@@ -87,53 +90,57 @@ def main() -> None:
     ov = [*QUIET, *args.overrides]
     py = sys.executable
 
+    peak = measure_bf16_peak()  # first, so a session cut off mid-way still reports MFU for what it measured
     if not args.no_warmup:
         run([py, "scripts/native_baseline.py", "mlm", *ov], out / "warmup.log")
     results: dict[str, dict] = {}
-    summaries = {}
+    summaries: dict[str, dict] = {}
+
+    def measure(name: str, cmd: list[str], log: Path) -> None:
+        results[name] = run(cmd, log)
+        write_table(args.label, out, peak, results, summaries)  # after every variant: survives a cut-off session
+
     for backend in ("mlm", "bridge"):
         run_dir = out / f"unified_{backend}"
         results[f"unified {backend}"] = run(
-            [py, "-m", "unified_train", f"backend={backend}", f"hydra.run.dir={run_dir}", *ov],
-            out / f"unified_{backend}.log")
-        if (run_dir / "summary.json").exists():
+            [py, "-m", "unified_train", f"backend={backend}", f"hydra.run.dir={run_dir}", *ov], out / f"unified_{backend}.log")
+        if (run_dir / "summary.json").exists():  # token and FLOP counts per iteration, for every variant
             summaries[backend] = json.loads((run_dir / "summary.json").read_text())
-        results[f"native {backend}"] = run([py, "scripts/native_baseline.py", backend, *ov],
-                                           out / f"native_{backend}.log")
+        write_table(args.label, out, peak, results, summaries)
+        measure(f"native {backend}", [py, "scripts/native_baseline.py", backend, *ov], out / f"native_{backend}.log")
     if not args.skip_pair:
-        results["pair in one process"] = run(
-            [py, "-m", "unified_train", "-m", "backend=mlm,bridge", f"hydra.sweep.dir={out / 'pair'}", *ov],
-            out / "pair.log")
+        measure("pair in one process",
+                [py, "-m", "unified_train", "-m", "backend=mlm,bridge", f"hydra.sweep.dir={out / 'pair'}", *ov],
+                out / "pair.log")
+    print(write_table(args.label, out, peak, results, summaries))
 
-    peak = measure_bf16_peak()
-    tokens = None
-    rows = []
+
+def write_table(label: str, out: Path, peak: float, results: dict[str, dict], summaries: dict[str, dict]) -> str:
+    """Derive throughput, MFU and the ratios from what has been measured so far; write `<label>.md/.json`."""
     for name, r in results.items():
         backend = "bridge" if "bridge" in name else "mlm"
         s = summaries.get(backend)
-        if s is None or r.get("failed"):
-            r.update(tokens_per_s=None, tflops_per_gpu=None, mfu=None)
+        r.update(tokens_per_s=None, tflops_per_gpu=None, mfu=None)
+        if s is None or r.get("failed") or not r["steady_iter_s"]:
             continue
-        world = s["world_size"]
-        tokens = tokens or s["tokens_per_iteration"]
-        r["tokens_per_s"] = tokens / r["steady_iter_s"] if r["steady_iter_s"] else None
-        r["tflops_per_gpu"] = (s["flops_per_iteration"] / r["steady_iter_s"] / world / 1e12
-                               if r["steady_iter_s"] and "pair" not in name else None)
-        r["mfu"] = r["tflops_per_gpu"] / peak if r["tflops_per_gpu"] else None
+        r["tokens_per_s"] = s["tokens_per_iteration"] / r["steady_iter_s"]
+        if "pair" not in name:
+            r["tflops_per_gpu"] = s["flops_per_iteration"] / r["steady_iter_s"] / s["world_size"] / 1e12
+            r["mfu"] = r["tflops_per_gpu"] / peak
     for backend in ("mlm", "bridge"):
-        u, n = results[f"unified {backend}"], results[f"native {backend}"]
-        if u.get("failed") or n.get("failed"):
-            continue
-        u["throughput_vs_native"] = n["steady_iter_s"] / u["steady_iter_s"]
-        u["first_iteration_vs_native"] = u["first_iteration_s"] / n["first_iteration_s"]
-    if "pair in one process" in results:
-        separate = results["unified mlm"]["wall_s"] + results["unified bridge"]["wall_s"]
-        results["pair in one process"]["wall_vs_two_processes"] = results["pair in one process"]["wall_s"] / separate
+        u, n = results.get(f"unified {backend}"), results.get(f"native {backend}")
+        if u and n and not (u.get("failed") or n.get("failed")):
+            u["throughput_vs_native"] = n["steady_iter_s"] / u["steady_iter_s"]
+            u["first_iteration_vs_native"] = u["first_iteration_s"] / n["first_iteration_s"]
+    pair = results.get("pair in one process")
+    if pair and not pair.get("failed") and "unified mlm" in results and "unified bridge" in results:
+        pair["wall_vs_two_processes"] = pair["wall_s"] / (results["unified mlm"]["wall_s"] +
+                                                          results["unified bridge"]["wall_s"])
 
     def fmt(v, spec):
         return "" if v is None else format(v, spec)
 
-    lines = [f"### {args.label} (bf16 matmul peak measured here: {peak:.0f} TFLOP/s)", "",
+    lines = [f"### {label} (bf16 matmul peak measured here: {peak:.0f} TFLOP/s)", "",
              "| variant | steady s/it | tokens/s | TFLOP/s/GPU | MFU | first iteration s | wall s | ratio |",
              "|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in results.items():
@@ -143,13 +150,13 @@ def main() -> None:
                      f"first-iteration time {r['first_iteration_vs_native']:.2f}x native")
         if "wall_vs_two_processes" in r:
             ratio = f"wall {r['wall_vs_two_processes']:.2f}x of two separate processes"
-        rows.append(f"| {name} | {fmt(r['steady_iter_s'], '.4f')} | {fmt(r['tokens_per_s'], ',.0f')} | "
-                    f"{fmt(r['tflops_per_gpu'], '.1f')} | {fmt(r['mfu'], '.1%')} | "
-                    f"{fmt(r['first_iteration_s'], '.1f')} | {r['wall_s']:.1f} | {ratio} |")
-    text = "\n".join(lines + rows)
-    print(text)
-    (out / f"{args.label}.md").write_text(text + "\n")
-    (out / f"{args.label}.json").write_text(json.dumps({"peak_tflops": peak, "results": results}, indent=2))
+        lines.append(f"| {name} | {fmt(r['steady_iter_s'], '.4f')} | {fmt(r['tokens_per_s'], ',.0f')} | "
+                     f"{fmt(r['tflops_per_gpu'], '.1f')} | {fmt(r['mfu'], '.1%')} | "
+                     f"{fmt(r['first_iteration_s'], '.1f')} | {r['wall_s']:.1f} | {ratio} |")
+    text = "\n".join(lines)
+    (out / f"{label}.md").write_text(text + "\n")
+    (out / f"{label}.json").write_text(json.dumps({"peak_tflops": peak, "results": results}, indent=2))
+    return text
 
 
 if __name__ == "__main__":

@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
-from ut_helpers import compose, subprocess_env
+from ut_helpers import compose, offline_wandb_run
 
 from unified_train import mcore_fields, plan, tracking
 from unified_train.backends import mlm
@@ -50,19 +46,7 @@ def test_both_stacks_get_project_name_and_save_dir(tmp_path):
 def test_offline_run_carries_group_job_type_tags_and_history(tmp_path):
     """A real offline wandb run started the way the stacks start theirs, read back from its .wandb file."""
     cfg = compose(["backend=bridge", "model=qwen3_8b"])
-    env = {k: v for k, v in tracking.wandb_env(cfg, str(tmp_path), "sweep7").items() if v is not None}
-    code = (
-        "import wandb\n"
-        "run = wandb.init(dir=%r, name='n', project='p', config={'native': 1})\n"
-        "for i in range(1, 4): wandb.log({'lm loss': 10.0 - i}, step=i)\n"
-        "from unified_train import tracking\n"
-        "tracking.add_unified_config({'model': {'name': 'qwen3_8b'}})\n"
-        "wandb.finish()\n" % str(tmp_path / "wandb")
-    )
-    os.makedirs(tmp_path / "wandb")
-    proc = subprocess.run([sys.executable, "-c", code], env={**subprocess_env(), **env}, capture_output=True,
-                          text=True, timeout=180)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    offline_wandb_run(cfg, tmp_path, "sweep7", unified={"model": {"name": "qwen3_8b"}})
     run = tracking.read_offline_run(str(tmp_path / "wandb"))
     assert run["group"] == plan.pair_id(cfg) and run["job_type"] == "bridge"
     assert run["tags"] == ["qwen3_8b", "tp1", "pp1", "sweep:sweep7"]

@@ -36,3 +36,23 @@ def run_cli(args, cwd, *, python_flags=(), timeout=300) -> subprocess.CompletedP
 def run_python(code: str, cwd, timeout=300) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=subprocess_env(), capture_output=True,
                           text=True, timeout=timeout)
+
+
+def offline_wandb_run(cfg, run_dir, sweep_id: str, losses=(9.0, 8.0, 7.0), unified=None) -> None:
+    """A real offline wandb run in `run_dir/wandb`, started the way both stacks start theirs (their own
+    `wandb.init`, with our grouping in the environment) and logging `lm loss` / `grad-norm` per step."""
+    from unified_train import tracking
+
+    env = {k: v for k, v in tracking.wandb_env(cfg, str(run_dir), sweep_id).items() if v is not None}
+    os.makedirs(env["WANDB_DIR"], exist_ok=True)
+    code = (
+        "import sys, wandb\n"
+        "from unified_train import tracking\n"
+        "run = wandb.init(dir=sys.argv[1], name='n', project='unified_train', config={'native': 1})\n"
+        "for i, loss in enumerate(eval(sys.argv[2]), 1): wandb.log({'lm loss': loss, 'grad-norm': 1.0 / i}, step=i)\n"
+        "tracking.add_unified_config(eval(sys.argv[3]))\n"
+        "wandb.finish()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, env["WANDB_DIR"], repr(list(losses)), repr(unified or {})],
+                          env={**subprocess_env(), **env}, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]

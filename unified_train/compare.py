@@ -38,7 +38,13 @@ class Run:
     summary: dict | None = None
 
     @property
+    def is_preflight(self) -> bool:
+        return self.info.get("mode") == "preflight"
+
+    @property
     def ok(self) -> bool:
+        if self.is_preflight:
+            return self.summary is not None and bool(self.summary.get("ok"))
         return self.summary is not None and bool(self.metrics)
 
     @property
@@ -60,10 +66,11 @@ def load_runs(sweep_dirs: list[str]) -> list[Run]:
             if os.path.exists(metrics):
                 with open(metrics) as f:
                     run.metrics = [json.loads(line) for line in f if line.strip()]
-            summary = os.path.join(root, "summary.json")
-            if os.path.exists(summary):
-                with open(summary) as f:
-                    run.summary = json.load(f)
+            # A training job's summary, or a preflight job's (mode=preflight trains nothing).
+            for summary in (os.path.join(root, "summary.json"), os.path.join(root, "preflight", "summary.json")):
+                if os.path.exists(summary):
+                    with open(summary) as f:
+                        run.summary = json.load(f)
             runs.append(run)
     return sorted(runs, key=lambda r: r.path)
 
@@ -198,14 +205,45 @@ def plot(pairs: list[tuple[Run, Run]], path: str) -> None:
     plt.close(fig)
 
 
+def preflight_table(checks: list[Run]) -> tuple[list[str], bool]:
+    """mode=preflight jobs: one row per job (from its preflight/summary.json), and any pair that lacks a half."""
+    out = ["## preflight", "", "| job | backend | pair | world size | ranks reported | hosts | all-reduce | parity | ok |",
+           "|---|---|---|---:|---|---|---|---|---|"]
+    all_ok = True
+    for run in checks:
+        s = run.summary or {}
+        all_ok &= run.ok
+        out.append(f"| {os.path.basename(run.path)} | {run.backend} | {run.pair_id} | {s.get('world_size', '')} | "
+                   f"{s.get('ranks_reported', 'no summary')} | {','.join(s.get('hosts', []))} | "
+                   f"{'ok' if s.get('all_reduce_ok') else 'FAILED'} | {'clean' if s.get('parity_clean') else 'DIFFERS'} "
+                   f"| {'yes' if run.ok else '**NO**'} |")
+    by_pair: dict[str, set[str]] = {}
+    for run in checks:
+        by_pair.setdefault(run.pair_id, set()).add(run.backend)
+    for pid, backends in sorted(by_pair.items()):
+        missing = sorted({"mlm", "bridge"} - backends)
+        if missing:
+            all_ok = False
+            out.append(f"\npair {pid}: **incomplete**, no {', '.join(missing)} job")
+    passed = sum(r.ok for r in checks)
+    out += ["", f"preflight verdict: **{'pass' if all_ok else 'FAIL'}** ({passed} of {len(checks)} jobs ok, "
+            f"{len(by_pair)} pairs)", ""]
+    return out, all_ok
+
+
 def report(sweep_dirs: list[str], gate: str = "exact", out_dir: str | None = None) -> tuple[str, bool]:
     """The comparison report (markdown) and whether every pair passed `gate`. With `out_dir`, also writes
     comparison.md, comparison.png and a golden-values JSON into every run directory."""
-    runs = load_runs(sweep_dirs)
+    every = load_runs(sweep_dirs)
+    checks = [r for r in every if r.is_preflight]
+    runs = [r for r in every if not r.is_preflight]
     by_pair: dict[str, list[Run]] = {}
     for run in runs:
         by_pair.setdefault(run.pair_id, []).append(run)
     out, all_ok, complete_pairs = ["# unified_train comparison", ""], True, []
+    if checks:
+        lines, all_ok = preflight_table(checks)
+        out += lines
     for pid, members in sorted(by_pair.items()):
         backends = {r.backend: r for r in members}
         first = members[0].info
@@ -244,6 +282,9 @@ class CompareCallback(Callback):
         text, _ = report([sweep_dir], out_dir=sweep_dir)
         print(text)
         print(f"comparison written to {os.path.join(sweep_dir, 'comparison.md')}")
+        from unified_train import panels
+
+        panels.after_sweep(sweep_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,6 +29,11 @@ BASE_ENV = {
     # rounding from one process to the next. These make compiled numerics a function of the code alone.
     "TORCHINDUCTOR_DETERMINISTIC": "1",
     "TORCH_DYNAMO_AUTOMATIC_DYNAMIC_LOCAL_PGO": "0",
+    # A kernel loaded from inductor's on-disk caches (written by an earlier process) rounded differently from
+    # the same kernel compiled fresh (measured on an H100: iteration-1 loss 10.419971466 vs 10.419970512), so
+    # a run's numerics depended on what ran on the node before. Every process compiles for itself.
+    "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
+    "TORCHINDUCTOR_AUTOGRAD_CACHE": "0",
 }
 DETERMINISTIC_ENV = {"NCCL_ALGO": "Ring", "CUBLAS_WORKSPACE_CONFIG": ":4096:8", "NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0"}
 
@@ -58,6 +63,7 @@ def run(cfg) -> None:
     """Entry from Hydra: dispatch on `mode`."""
     os.environ.update(process_env(cfg))  # before torch is imported: some settings are read at import
     os.environ["UNIFIED_TRAIN_SWEEP_ID"] = sweep_id()  # for spawned ranks and workers
+    ranks.adopt_slurm_ranks()  # before any native config is built: MLM reads RANK/WORLD_SIZE while parsing
     if cfg.mode == "parity":
         from unified_train import parity
 
@@ -82,8 +88,6 @@ def run(cfg) -> None:
         sys.exit(2)
     world = plan.world_size(cfg)
     if world > 1 and "RANK" not in os.environ:
-        from unified_train import ranks
-
         ranks.spawn(cfg, run_dir, world)
     elif cfg.launch.isolation == "process":
         _run_in_fresh_process(cfg, run_dir)
@@ -142,14 +146,20 @@ def init_process_group(world_size: int) -> None:
                             device_id=torch.device("cuda", int(os.environ["LOCAL_RANK"])))
 
 
-def write_run_files(cfg, run_dir: str, native, backend) -> None:
-    """The resolved unified config, the pair identity and the native config, next to the metrics."""
-    os.makedirs(os.path.join(run_dir, "native"), exist_ok=True)
+def write_run_json(cfg, run_dir: str) -> None:
+    """The resolved unified config and the job's identity (pair id, backend, mode): what compare.py reads."""
+    os.makedirs(run_dir, exist_ok=True)
     OmegaConf.save(cfg, os.path.join(run_dir, "unified_config.yaml"), resolve=True)
     with open(os.path.join(run_dir, "run.json"), "w") as f:
-        json.dump({"backend": cfg.backend.name, "pair_id": plan.pair_id(cfg), "tp_group": plan.tp_group_id(cfg),
-                   "model": cfg.model.name,
+        json.dump({"backend": cfg.backend.name, "mode": cfg.mode, "pair_id": plan.pair_id(cfg),
+                   "tp_group": plan.tp_group_id(cfg), "model": cfg.model.name,
                    "tp": cfg.parallel.tp, "pp": cfg.parallel.pp, "world_size": plan.world_size(cfg)}, f, indent=2)
+
+
+def write_run_files(cfg, run_dir: str, native, backend) -> None:
+    """run.json and the unified config, plus the native config next to the metrics."""
+    write_run_json(cfg, run_dir)
+    os.makedirs(os.path.join(run_dir, "native"), exist_ok=True)
     backend.write_native(native, os.path.join(run_dir, "native"))
 
 
@@ -158,20 +168,21 @@ def run_job(cfg, run_dir: str) -> dict:
     from unified_train import backends, tracking
 
     os.environ.update(process_env(cfg))
+    _pin_compiler_determinism()
+    world = plan.world_size(cfg)
+    # Joining the world group waits for every rank, so every rank has checked the run directory (launch.run)
+    # before any rank writes into it.
+    init_process_group(world)
     wandb_env = tracking.wandb_env(cfg, run_dir, sweep_id())
     if wandb_env["WANDB_DIR"]:
         os.makedirs(wandb_env["WANDB_DIR"], exist_ok=True)  # wandb falls back to a temp dir if it is missing
     tracking.apply_env(wandb_env)
-    _pin_compiler_determinism()
     os.makedirs(run_dir, exist_ok=True)
-    world = plan.world_size(cfg)
     rank = int(os.environ.get("RANK", "0"))
-    last_rank = rank == world - 1
-    sink = tracking.MetricsSink(run_dir, backend=cfg.backend.name, world_size=world, write=last_rank,
+    sink = tracking.MetricsSink(run_dir, backend=cfg.backend.name, world_size=world, write=rank == world - 1,
                                 tokens_per_iteration=cfg.train.global_batch_size * cfg.train.seq_length,
                                 unified_config=OmegaConf.to_container(cfg, resolve=True))
     backend = backends.get(cfg.backend.name)
-    init_process_group(world)
     native = backend.native_config(cfg, run_dir, world_size=world)
     if rank == 0:
         write_run_files(cfg, run_dir, native, backend)
@@ -183,12 +194,15 @@ def run_job(cfg, run_dir: str) -> dict:
 
 
 def _pin_compiler_determinism() -> None:
-    """The same as TORCHINDUCTOR_DETERMINISTIC / TORCH_DYNAMO_AUTOMATIC_DYNAMIC_LOCAL_PGO in BASE_ENV, for when
-    torch's compiler configs were imported before the environment was set."""
+    """The compiler settings of BASE_ENV, for when torch's compiler configs were imported before the environment
+    was set."""
     import torch._dynamo.config
+    import torch._functorch.config
     import torch._inductor.config
 
     torch._inductor.config.deterministic = True
+    torch._inductor.config.fx_graph_cache = False
+    torch._functorch.config.enable_autograd_cache = False
     torch._dynamo.config.automatic_dynamic_local_pgo = False
 
 

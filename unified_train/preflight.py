@@ -50,18 +50,20 @@ def summarize(run_dir: str, expected_world: int) -> dict:
 
 def run(cfg, run_dir: str) -> int:
     """Run the checks on every rank of the job; returns the exit status (0 when everything is right)."""
-    from unified_train import plan, ranks
+    from unified_train import launch, plan, ranks
 
     world = plan.world_size(cfg)
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    if "RANK" in os.environ:  # already one rank of a launcher's job: check this rank only
+    if "RANK" in os.environ:  # one rank of a launcher's job (torchrun, Slurm): check this rank
         rank_main(cfg_yaml, run_dir)
-        return 0
-    if world > 1:
+        if int(os.environ["RANK"]) != 0:  # every rank has reported (probe's barrier): rank 0 sums up
+            return 0
+    elif world > 1:
         ranks.spawn(cfg, run_dir, world, entry=rank_main)
     else:
         with _single_rank_env():
             rank_main(cfg_yaml, run_dir)
+    launch.write_run_json(cfg, run_dir)  # after the rendezvous: no rank is still checking the run directory
     summary = summarize(run_dir, world)
     print(f"preflight: {'OK' if summary['ok'] else 'FAILED'}: ranks {summary['ranks_reported']} of world "
           f"{world}, all-reduce {'ok' if summary['all_reduce_ok'] else 'FAILED'}, parity "

@@ -1,7 +1,8 @@
 """Start a multi-GPU job's ranks from the composed config, with torch's elastic launch API (no torchrun).
 
-Each rank runs the same in-process job (`launch.run_job`). Under an existing launcher (torchrun, Slurm) the
-rank environment is already there and `launch.run` never comes here.
+Each rank runs the same in-process job (`launch.run_job`). Under an existing launcher the ranks exist already:
+torchrun sets the rank variables itself, and inside a Slurm job step every task is one rank whose variables
+`adopt_slurm_ranks` derives from the Slurm environment.
 """
 
 from __future__ import annotations
@@ -18,6 +19,30 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def adopt_slurm_ranks() -> bool:
+    """Inside a Slurm job step of several tasks (srun, or hydra/launcher=slurm through submitit), export torch's
+    env:// variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from the Slurm environment.
+
+    Called before any native config is built: MLM reads RANK and WORLD_SIZE when it parses its arguments.
+    CUDA_VISIBLE_DEVICES is left whole, because both stacks select `cuda:LOCAL_RANK` themselves; narrowed to one
+    device, every rank but local rank 0 would fail. A batch script's own process (no step of several tasks) is
+    left alone: it is one process, not a rank of a larger world.
+    """
+    if "RANK" in os.environ:  # torchrun, or a launcher that already did this
+        return False
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm" and int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) < 2:
+        return False
+    from unittest import mock
+
+    from submitit.helpers import TorchDistributedEnvironment
+
+    # submitit recognises a Slurm task by the variable its own batch scripts set; a plain srun step is one too.
+    with mock.patch.dict(os.environ, {"SUBMITIT_EXECUTOR": "slurm"}):
+        env = TorchDistributedEnvironment()
+    env.export(set_cuda_visible_devices=False)
+    return True
 
 
 def spawn(cfg, run_dir: str, world_size: int, entry=None) -> None:
@@ -58,4 +83,5 @@ def rendezvous_probe(cfg_yaml: str, run_dir: str, extra: dict | None = None) -> 
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, f"rank_{rank}.json"), "w") as f:
         json.dump(report, f)
+    dist.barrier()  # every report is on disk before any rank sums them up
     dist.destroy_process_group()

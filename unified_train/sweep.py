@@ -18,6 +18,7 @@ class Point:
     overrides: list[str]
     cfg: object | None = None
     errors: list[str] | None = None
+    launcher: dict | None = None  # hydra.launcher, resolved (multirun only)
 
 
 def _sweep_choices(overrides: list[str], sweeper_params: dict) -> list[list[str]]:
@@ -84,7 +85,7 @@ def validate(argv: list[str]) -> tuple[list[Point], list[str]]:
     from hydra._internal.utils import get_args_parser
     from omegaconf import OmegaConf
 
-    from unified_train import plan
+    from unified_train import plan, slurm
 
     args = get_args_parser().parse_args(argv)
     config_name = args.config_name or "config"
@@ -92,21 +93,27 @@ def validate(argv: list[str]) -> tuple[list[Point], list[str]]:
     base = list(args.overrides)
     try:
         plain = [o for o in base if "," not in o.split("=", 1)[-1] or o.split("=", 1)[-1].startswith("[")]
-        sweeper_params = {}
+        sweeper_params, launcher = {}, None
         if args.multirun:
             hcfg = _compose(config_dir, config_name, plain, with_hydra=True)
             params = OmegaConf.select(hcfg, "hydra.sweeper.params")
             sweeper_params = OmegaConf.to_container(params) if params is not None else {}
+            launcher = OmegaConf.to_container(hcfg.hydra.launcher)
+            if slurm.is_slurm(launcher) and hcfg.parallel.gpus_per_node is None:  # its task count derives from it
+                return [], [slurm.NEEDS_GPUS_PER_NODE]
+            launcher = OmegaConf.to_container(hcfg.hydra.launcher, resolve=True)
         combos = _sweep_choices(base, sweeper_params) if args.multirun else [base]
     except Exception as exc:  # noqa: BLE001 -- any composition problem is a user error here
         return [], [_one_line(exc)]
 
     points, errors = [], []
     for combo in combos:
-        point = Point(overrides=combo)
+        point = Point(overrides=combo, launcher=launcher)
         try:
             point.cfg = _compose(config_dir, config_name, combo)
-            point.errors = plan.check(point.cfg) or plan.check_resources(point.cfg)
+            # On Slurm the GPUs are the job's, not this (login) host's.
+            resources = slurm.check if slurm.is_slurm(launcher) else lambda cfg, _: plan.check_resources(cfg)
+            point.errors = plan.check(point.cfg) or resources(point.cfg, launcher)
         except Exception as exc:  # noqa: BLE001
             point.errors = [_one_line(exc)]
         points.append(point)
@@ -116,8 +123,9 @@ def validate(argv: list[str]) -> tuple[list[Point], list[str]]:
 
 
 def dry_run_table(points: list[Point]) -> str:
-    """`--dry-run`: the jobs a command would start, with their world sizes, without starting them."""
-    from unified_train import plan
+    """`--dry-run`: the jobs a command would start, with their world sizes, without starting them (and, with
+    hydra/launcher=slurm, the sbatch script that would be submitted)."""
+    from unified_train import plan, slurm
 
     lines = ["| # | overrides | world size | params | GiB/GPU (weights+optimizer) | status |", "|---:|---|---:|---:|---:|---|"]
     for i, p in enumerate(points):
@@ -127,4 +135,7 @@ def dry_run_table(points: list[Point]) -> str:
         status = "; ".join(p.errors) if p.errors else "ok"
         lines.append(f"| {i} | {' '.join(p.overrides)} | {plan.world_size(p.cfg)} | {plan.param_count(p.cfg) / 1e6:,.0f}M "
                      f"| {plan.memory_gib_per_gpu(p.cfg):.1f} | {status} |")
+    if points and slurm.is_slurm(points[0].launcher):
+        lines += ["", f"sbatch script for the {len(points)} job(s) (one array element each):", "",
+                  slurm.sbatch_preview(points[0].launcher, len(points))]
     return "\n".join(lines)

@@ -1,8 +1,9 @@
 """Real training runs on a GPU (marker `gpu`; skipped without CUDA). Run on the GPU node:
 
-    python -m pytest tests/gpu -m gpu -s
+    python -m pytest tests/gpu -m gpu -s [-n 4 --dist loadgroup]
 
-Each test starts `python -m unified_train` as a user would and judges only the files the runs wrote.
+With pytest-xdist the four groups below run side by side on one GPU: every kernel on the numerics path is
+deterministic, so sharing the GPU changes timings, not bits. Each test starts `python -m unified_train` as a user would and judges only the files the runs wrote.
 """
 
 from __future__ import annotations
@@ -24,13 +25,14 @@ UPSTREAM_LOSSES = [10.41997, 10.41821, 10.27486, 10.16401, 10.05250, 10.01020, 9
 QUIET = ["logger=none", "checkpoint=none"]
 
 
-def _run(args: list[str], log: Path) -> None:
+def _run(args: list[str], log: Path, launcher: tuple[str, ...] = ("-m",)) -> None:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("WANDB_API_KEY", None)  # W&B stays offline: the node has no network
     # The CPU suite disables torch.compile for speed; a real run must not inherit that: megatron-core's fused
     # kernels (jit_fuser) are compiled, and eager versions round differently.
     env.pop("TORCHDYNAMO_DISABLE", None)
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, "-m", "unified_train", *args], cwd=REPO, env=env, stdout=f,
+        proc = subprocess.run([sys.executable, *launcher, "unified_train", *args], cwd=REPO, env=env, stdout=f,
                               stderr=subprocess.STDOUT)
     assert proc.returncode == 0, f"{' '.join(args)} failed; see {log}:\n" + log.read_text()[-3000:]
 
@@ -56,9 +58,10 @@ def _assert_bitwise(a: list[dict], b: list[dict]) -> None:
         assert _series(a, key) == _series(b, key), f"{key} differs: {_series(a, key)} vs {_series(b, key)}"
 
 
-def _pair(tmp_path: Path, name: str, *overrides: str) -> dict[str, list[dict]]:
+def _pair(tmp_path: Path, name: str, *overrides: str, quiet: bool = True) -> dict[str, list[dict]]:
     sweep = tmp_path / name
-    _run(["-m", "backend=mlm,bridge", f"hydra.sweep.dir={sweep}", *QUIET, *overrides], tmp_path / f"{name}.log")
+    _run(["-m", "backend=mlm,bridge", f"hydra.sweep.dir={sweep}", *(QUIET if quiet else []), *overrides],
+         tmp_path / f"{name}.log")
     runs = {b: _metrics(d) for b, d in _job_dirs(sweep).items()}
     assert set(runs) == {"mlm", "bridge"}
     report = (sweep / "comparison.md").read_text()
@@ -75,16 +78,30 @@ def _publish(name: str, text: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def default_pair(tmp_path_factory):
-    return _pair(tmp_path_factory.mktemp("pair"), "default_pair")
+def default_sweep(tmp_path_factory) -> Path:
+    """The user's command, `-m backend=mlm,bridge`, with every default: W&B (offline here) and checkpoints on."""
+    root = tmp_path_factory.mktemp("pair")
+    _pair(root, "default_pair", quiet=False)
+    return root / "default_pair"
 
 
+@pytest.fixture(scope="module")
+def default_pair(default_sweep) -> dict[str, list[dict]]:
+    return {b: _metrics(d) for b, d in _job_dirs(default_sweep).items()}
+
+
+# Tests that share the default pair run in one xdist worker.
+_PAIR_GROUP = pytest.mark.xdist_group("default_pair")
+
+
+@_PAIR_GROUP
 def test_default_pair_is_bitwise_and_matches_upstream(default_pair):
     _assert_bitwise(default_pair["mlm"], default_pair["bridge"])
     losses = _series(default_pair["mlm"], "lm loss")
     assert [float(f"{x:.7g}") for x in losses] == pytest.approx(UPSTREAM_LOSSES, rel=0, abs=0), losses
 
 
+@_PAIR_GROUP
 def test_inprocess_pair_equals_separate_processes(default_pair, tmp_path):
     for backend in ("mlm", "bridge"):
         run_dir = tmp_path / backend
@@ -92,12 +109,67 @@ def test_inprocess_pair_equals_separate_processes(default_pair, tmp_path):
         _assert_bitwise(_metrics(run_dir), default_pair[backend])
 
 
+@_PAIR_GROUP
+def test_both_stacks_log_the_pair_to_wandb(default_sweep, default_pair):
+    """The offline W&B runs the stacks wrote, read back: grouping, tags, and every iteration's lm loss."""
+    from unified_train import tracking
+
+    lines = []
+    for backend, job_dir in _job_dirs(default_sweep).items():
+        info = json.loads((job_dir / "run.json").read_text())
+        run = tracking.read_offline_run(str(job_dir / "wandb"))
+        assert (run["group"], run["job_type"]) == (info["pair_id"], backend)
+        assert run["tags"] == ["vanilla_gpt", "tp1", "pp1", f"sweep:{default_sweep.name}"]
+        assert run["config"]["unified"]["backend"]["name"] == backend
+        logged = [h["lm loss"] for h in run["history"] if "lm loss" in h]
+        assert logged == pytest.approx(_series(default_pair[backend], "lm loss"), rel=1e-6)
+        assert any("grad-norm" in h for h in run["history"])
+        lines.append(f"- {backend}: group {run['group']}, job_type {run['job_type']}, tags {run['tags']}, "
+                     f"{len(logged)} lm loss values, equal to metrics.jsonl: "
+                     f"{logged == _series(default_pair[backend], 'lm loss')}")
+    assert (default_sweep / "wandb_panels.json").exists()
+    _publish("W&B runs read back", "\n".join(lines))
+
+
+@_PAIR_GROUP
+def test_checkpoints_are_saved_at_the_end(default_sweep):
+    for backend, job_dir in _job_dirs(default_sweep).items():
+        tracker = job_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
+        assert tracker.read_text().strip() == "10", backend
+        assert (job_dir / "checkpoints" / "iter_0000010").is_dir(), backend
+
+
+@pytest.mark.xdist_group("long")
 def test_100_iterations_with_dropout_stay_bitwise(tmp_path):
     runs = _pair(tmp_path, "vanilla_100", "train.iters=100")
     assert runs["mlm"][0]["iteration"] == 1 and len(runs["mlm"]) == 100
     _assert_bitwise(runs["mlm"], runs["bridge"])
 
 
+_ISOLATION_GROUP = pytest.mark.xdist_group("isolation")
+
+
+@pytest.fixture(scope="module")
+def isolated_pair(tmp_path_factory) -> dict[str, list[dict]]:
+    """launch.isolation=process: each job of the pair in a fresh worker process."""
+    return _pair(tmp_path_factory.mktemp("isolated"), "isolated_pair", "launch.isolation=process")
+
+
+@_ISOLATION_GROUP
+def test_process_isolation_is_bitwise_and_matches_upstream(isolated_pair):
+    _assert_bitwise(isolated_pair["mlm"], isolated_pair["bridge"])
+    assert [float(f"{x:.7g}") for x in _series(isolated_pair["mlm"], "lm loss")] == UPSTREAM_LOSSES
+
+
+@_ISOLATION_GROUP
+def test_under_torchrun_equals_the_pair(isolated_pair, tmp_path):
+    run_dir = tmp_path / "torchrun"
+    _run(["backend=bridge", f"hydra.run.dir={run_dir}", *QUIET], tmp_path / "torchrun.log",
+         launcher=("-m", "torch.distributed.run", "--nproc-per-node=1", "-m"))
+    _assert_bitwise(_metrics(run_dir), isolated_pair["bridge"])
+
+
+@pytest.mark.xdist_group("llama")
 def test_llama_style_preset_is_bitwise(tmp_path):
     runs = _pair(tmp_path, "llama32_1b_2layers", "model=llama32_1b", "model.num_layers=2")
     _assert_bitwise(runs["mlm"], runs["bridge"])
