@@ -97,6 +97,7 @@ def test_invalid_topologies_are_exactly_the_head_counts():
     ["train.iters=30", "sched=linear"],
     ["rng.seed=42"],
     ["rng.seed=42", "data.seed=7"],
+    ["data.dataloader_type=cyclic"],
     ["precision=fp32"],
     ["kernels.bias_activation_fusion=true", "kernels.bias_dropout_fusion=true"],
     ["model=llama32_1b", "model.num_layers=2", "train.seq_length=1024"],
@@ -213,6 +214,16 @@ def test_diff_catches_weight_decay_and_seed(mlm_default):
     assert "optimizer.weight_decay" in rows and "schedule.weight_decay@1" in rows
     rows = _mismatch(mlm_default, ["data.seed=99"])
     assert set(rows) == {"dataset.random_seed"}
+
+
+def test_cyclic_sampler_reaches_both_stacks_and_a_mismatch_is_caught(mlm_default):
+    """data.dataloader_type=cyclic (the setting that aligns validation) drives both stacks' loaders."""
+    both = parity.describe_both(compose(["parallel.dp=1", "data.dataloader_type=cyclic"]))
+    assert {side["data.dataloader_type"] for side in both.values()} == {"cyclic"}
+    assert {side["data.data_sharding"] for side in both.values()} == {True}
+    assert mlm_default["data.dataloader_type"] == "single"
+    rows = _mismatch(mlm_default, ["data.dataloader_type=cyclic"])
+    assert set(rows) == {"data.dataloader_type"} and rows["data.dataloader_type"][1:] == ("single", "cyclic")
 
 
 def test_diff_catches_tp_and_dp_and_batch(mlm_default):

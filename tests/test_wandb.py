@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from ut_helpers import compose, offline_wandb_run
+import subprocess
+import sys
+from pathlib import Path
+
+from ut_helpers import compose, offline_wandb_run, subprocess_env
 
 from unified_train import mcore_fields, plan, tracking
 from unified_train.backends import mlm
@@ -52,3 +56,27 @@ def test_offline_run_carries_group_job_type_tags_and_history(tmp_path):
     assert run["tags"] == ["qwen3_8b", "tp1", "pp1", "sweep:sweep7"]
     assert [h["lm loss"] for h in run["history"] if "lm loss" in h] == [9.0, 8.0, 7.0]
     assert run["config"]["unified"] == {"model": {"name": "qwen3_8b"}} and run["config"]["native"] == 1
+
+
+def test_the_two_halves_of_an_in_process_pair_get_their_own_job_type(tmp_path):
+    """wandb reads its WANDB_* settings once per process: the second job of a paired multirun in one process
+    must still be logged as its own backend, in its own directory (launch.run_job ends each job's run)."""
+    code = (
+        "import os, sys, wandb\n"
+        "from ut_helpers import compose\n"
+        "from unified_train import tracking\n"
+        "for backend in ('mlm', 'bridge'):\n"
+        "    run_dir = os.path.join(sys.argv[1], backend)\n"
+        "    env = tracking.wandb_env(compose([f'backend={backend}']), run_dir, 'pair_sweep')\n"
+        "    tracking.apply_env(env)\n"
+        "    os.makedirs(env['WANDB_DIR'])\n"
+        "    wandb.init(dir=env['WANDB_DIR'], name=backend, project='unified_train')  # as the stack calls it\n"
+        "    wandb.log({'lm loss': 10.0}, step=1)\n"
+        "    tracking.end_wandb_run()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=Path(__file__).parent,
+                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = {b: tracking.read_offline_run(str(tmp_path / b / "wandb")) for b in ("mlm", "bridge")}
+    assert {b: r["job_type"] for b, r in runs.items()} == {"mlm": "mlm", "bridge": "bridge"}
+    assert runs["mlm"]["group"] == runs["bridge"]["group"] == plan.pair_id(compose())

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from unified_train.ranks import RANK_VARIABLES
+
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
 PRESETS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
@@ -23,7 +25,8 @@ def subprocess_env() -> dict:
     env = dict(os.environ)
     env["TORCHDYNAMO_DISABLE"] = "1"
     env.pop("PYTHONPATH", None)  # the package is installed (editable) in the venv; nothing from the cwd
-    env.pop("WORLD_SIZE", None)
+    for key in RANK_VARIABLES:  # a child is never a rank of the test process's world
+        env.pop(key, None)
     return env
 
 

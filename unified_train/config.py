@@ -148,6 +148,10 @@ class DataConfig:
     tokenizer_model: Optional[str] = None  # HuggingFaceTokenizer: a local path
     seed: Optional[int] = None  # None: rng.seed
     num_workers: int = 2
+    # single: a sequential pass (both stacks' default for training). cyclic: the epoch-seeded random sampler, which
+    # both stacks share; Bridge always validates GPT data with it, so only `cyclic` gives both backends the same
+    # validation samples (with `single`, MLM validates sequentially and the validation losses differ).
+    dataloader_type: str = "single"
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False

@@ -190,6 +190,7 @@ def run_job(cfg, run_dir: str) -> dict:
         backend.train(native, sink)
     finally:
         backend.teardown()
+        tracking.end_wandb_run()
     return sink.close(pair_id=plan.pair_id(cfg))
 
 
@@ -206,8 +207,17 @@ def _pin_compiler_determinism() -> None:
     torch._dynamo.config.automatic_dynamic_local_pgo = False
 
 
-def _worker(cfg_yaml: str, run_dir: str, env: dict) -> None:
-    os.environ.update(env)
+def as_fresh_interpreter() -> None:
+    """A spawned child inherits the parent's `spawn` start method; give it the platform default back, as a fresh
+    interpreter has. The stacks' DataLoader workers need it: MLM's worker_init_fn is a local function, which the
+    spawn method cannot pickle."""
+    import multiprocessing as mp
+
+    mp.set_start_method(None, force=True)
+
+
+def _worker(cfg_yaml: str, run_dir: str) -> None:
+    as_fresh_interpreter()
     run_job(OmegaConf.create(cfg_yaml), run_dir)
 
 
@@ -216,7 +226,7 @@ def _run_in_fresh_process(cfg, run_dir: str) -> None:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    proc = ctx.Process(target=_worker, args=(OmegaConf.to_yaml(cfg, resolve=True), run_dir, {}))
+    proc = ctx.Process(target=_worker, args=(OmegaConf.to_yaml(cfg, resolve=True), run_dir))
     proc.start()
     proc.join()
     if proc.exitcode != 0:

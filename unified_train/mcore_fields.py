@@ -202,6 +202,7 @@ def dataset(cfg) -> dict:
         data_path=list(d.data_path),
         split=d.split,
         num_workers=d.num_workers,
+        dataloader_type=d.dataloader_type,
         reset_position_ids=d.reset_position_ids,
         reset_attention_mask=d.reset_attention_mask,
         eod_mask_loss=d.eod_mask_loss,

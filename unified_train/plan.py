@@ -23,6 +23,7 @@ CHOICES = {
     "kernels.attention_backend": ("auto", "local", "unfused", "fused", "flash"),
     "sched.lr_decay_style": ("constant", "linear", "cosine", "inverse-square-root", "WSD"),
     "data.type": ("mock", "indexed"),
+    "data.dataloader_type": ("single", "cyclic"),
     "data.tokenizer_type": ("NullTokenizer", "HuggingFaceTokenizer"),
     "precision.dtype": ("bf16", "fp16", "fp32"),
     "launch.isolation": ("inprocess", "process"),

@@ -76,10 +76,10 @@ class _single_rank_env:
     """The rank variables for a one-rank group in this process (restored afterwards)."""
 
     def __enter__(self):
-        from unified_train.ranks import free_port
+        from unified_train.ranks import RANK_VARIABLES, free_port
 
         port = free_port()
-        self.saved = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+        self.saved = {k: os.environ.get(k) for k in RANK_VARIABLES}
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
     def __exit__(self, *exc):

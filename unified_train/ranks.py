@@ -14,6 +14,10 @@ import socket
 from omegaconf import OmegaConf
 
 
+# torch's env:// rendezvous variables, as launchers (torchrun, submitit) export them.
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def free_port() -> int:
     """A TCP port on this host that nothing listens on now (rendezvous / MASTER_PORT)."""
     with socket.socket() as s:
@@ -62,6 +66,7 @@ def spawn(cfg, run_dir: str, world_size: int, entry=None) -> None:
 def _train_rank(cfg_yaml: str, run_dir: str) -> None:
     from unified_train import launch
 
+    launch.as_fresh_interpreter()  # a spawned rank; its DataLoader workers start as under torchrun
     launch.run_job(OmegaConf.create(cfg_yaml), run_dir)
 
 
@@ -79,7 +84,8 @@ def rendezvous_probe(cfg_yaml: str, run_dir: str, extra: dict | None = None) -> 
     dist.all_reduce(value)
     report = {"rank": rank, "world_size": world, "local_rank": int(os.environ["LOCAL_RANK"]),
               "host": socket.gethostname(), "device": torch.cuda.get_device_name() if cuda else "cpu",
-              "all_reduce_ok": value.item() == world * (world + 1) / 2, **(extra or {})}
+              "all_reduce_ok": value.item() == world * (world + 1) / 2,
+              "slurm_job_id": os.environ.get("SLURM_JOB_ID"), **(extra or {})}
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, f"rank_{rank}.json"), "w") as f:
         json.dump(report, f)

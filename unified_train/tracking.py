@@ -144,6 +144,20 @@ def add_unified_config(unified: dict) -> None:
         wandb.config.update({"unified": unified}, allow_val_change=True)
 
 
+def end_wandb_run() -> None:
+    """After a job: finish the W&B run its stack started and drop wandb's process-wide state. wandb reads
+    WANDB_JOB_TYPE, WANDB_TAGS, ... once per process, so without this the next job in the same process (the other
+    half of a pair) would log under this job's job_type and tags."""
+    import sys
+
+    wandb = sys.modules.get("wandb")
+    if wandb is None:
+        return
+    if wandb.run is not None:
+        wandb.finish()
+    wandb.teardown()
+
+
 def read_offline_run(path: str) -> dict:
     """Read an offline run back from its `run-<id>.wandb` file: identity, config and metric history."""
     import glob

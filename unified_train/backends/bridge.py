@@ -104,7 +104,7 @@ def build_container(cfg, run_dir: str | None):
             blend=blend,
             blend_per_split=None,
             split=data["split"],
-            dataloader_type="single",
+            dataloader_type=data["dataloader_type"],
             num_workers=data["num_workers"],
             reset_position_ids=data["reset_position_ids"],
             reset_attention_mask=data["reset_attention_mask"],
@@ -172,7 +172,9 @@ def describe(native: Native) -> dict[str, object]:
                 "train.global_batch_size": c.train.global_batch_size, "train.seq_length": c.dataset.seq_length,
                 "validation.eval_interval": c.validation.eval_interval, "validation.eval_iters": c.validation.eval_iters,
                 "rng.seed": c.rng.seed, "rng.data_parallel_random_init": c.rng.data_parallel_random_init,
-                "tokenizer.tokenizer_type": c.tokenizer.tokenizer_type, "tokenizer.vocab_size": c.tokenizer.vocab_size})
+                "tokenizer.tokenizer_type": c.tokenizer.tokenizer_type, "tokenizer.vocab_size": c.tokenizer.vocab_size,
+                "data.dataloader_type": c.dataset.dataloader_type, "data.data_sharding": c.dataset.data_sharding,
+                "data.num_workers": c.dataset.num_workers})
     out.update(common.schedule_trace(lambda opt: _get_scheduler(c.optimizer, c.scheduler, opt),
                                      c.train.train_iters, c.train.global_batch_size))
     return out
@@ -212,7 +214,7 @@ def mcore_fields_snapshot(native: Native) -> dict[str, object]:
         ("scheduler", c.scheduler, ("lr_decay_style", "lr_warmup_iters", "lr_decay_iters", "lr_warmup_init",
                                     "start_weight_decay", "end_weight_decay")),
         ("ddp", c.ddp, ("use_distributed_optimizer",)),
-        ("dataset", c.dataset, ("random_seed",)),
+        ("dataset", c.dataset, ("random_seed", "dataloader_type")),
         ("tokenizer", c.tokenizer, ("tokenizer_type", "vocab_size")),
         ("rng", c.rng, ("seed",)),
         ("logger", c.logger, ("log_interval",)),

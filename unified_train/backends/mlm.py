@@ -131,6 +131,7 @@ def build_argv(cfg, run_dir: str | None) -> list[str]:
         seed=cfg.rng.seed,
         mock_data=data["mock"],
         num_workers=data["num_workers"],
+        dataloader_type=data["dataloader_type"],
         reset_position_ids=data["reset_position_ids"],
         reset_attention_mask=data["reset_attention_mask"],
         eod_mask_loss=data["eod_mask_loss"],
@@ -264,7 +265,9 @@ def describe(native: Native) -> dict[str, object]:
                 "train.global_batch_size": args.global_batch_size, "train.seq_length": args.seq_length,
                 "validation.eval_interval": args.eval_interval, "validation.eval_iters": args.eval_iters,
                 "rng.seed": args.seed, "rng.data_parallel_random_init": args.data_parallel_random_init,
-                "tokenizer.tokenizer_type": args.tokenizer_type, "tokenizer.vocab_size": args.vocab_size})
+                "tokenizer.tokenizer_type": args.tokenizer_type, "tokenizer.vocab_size": args.vocab_size,
+                "data.dataloader_type": args.dataloader_type, "data.data_sharding": args.data_sharding,
+                "data.num_workers": args.num_workers})
 
     def make_scheduler(optimizer):
         previous = global_vars._GLOBAL_ARGS
