@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 from unittest import mock
 
@@ -117,7 +118,7 @@ def test_preflight_sweep_runs_as_a_slurm_array_of_two_rank_jobs(slurm_env, tmp_p
     """backend=mlm,bridge x two seeds = 4 array elements of 2 tasks each: every task is one rank that builds both
     native configs, diffs them and all-reduces; the comparison callback then sums the sweep up."""
     sweep = tmp_path / "sweep"
-    cmd = [str(REPO / ".venv" / "bin" / "python"), "-m", "unified_train", "-m", *CPU_SLURM, "mode=preflight",
+    cmd = [sys.executable, "-m", "unified_train", "-m", *CPU_SLURM, "mode=preflight",
            "backend=mlm,bridge", "rng.seed=1,2", f"hydra.sweep.dir={sweep}"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=slurm_env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -128,6 +129,7 @@ def test_preflight_sweep_runs_as_a_slurm_array_of_two_rank_jobs(slurm_env, tmp_p
         reports = [json.loads((job_dir / "preflight" / f"rank_{r}.json").read_text()) for r in (0, 1)]
         assert [r["rank"] for r in reports] == [0, 1] and {r["local_rank"] for r in reports} == {0, 1}
         assert all(r["world_size"] == 2 and r["all_reduce_ok"] for r in reports), reports
+        assert all(r["process_env"]["NCCL_NVLS_ENABLE"] == "0" for r in reports)
         assert all(r["parity_differences"] == [] and r["parity_fields"] > 400 for r in reports), reports
         job_ids = {r["slurm_job_id"] for r in reports}
         assert len(job_ids) == 1 and None not in job_ids  # both ranks are tasks of one Slurm job

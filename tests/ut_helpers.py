@@ -30,10 +30,10 @@ def subprocess_env() -> dict:
     return env
 
 
-def run_cli(args, cwd, *, python_flags=(), timeout=300) -> subprocess.CompletedProcess:
-    """`python -m unified_train ARGS` in a fresh interpreter, from `cwd`."""
+def run_cli(args, cwd, *, python_flags=(), timeout=300, env=None) -> subprocess.CompletedProcess:
+    """`python -m unified_train ARGS` in a fresh interpreter, from `cwd` (with `env` added to the environment)."""
     return subprocess.run([sys.executable, *python_flags, "-m", "unified_train", *args], cwd=cwd,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+                          env={**subprocess_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
 def run_python(code: str, cwd, timeout=300) -> subprocess.CompletedProcess:

@@ -71,9 +71,12 @@ def _train_rank(cfg_yaml: str, run_dir: str) -> None:
 
 
 def rendezvous_probe(cfg_yaml: str, run_dir: str, extra: dict | None = None) -> None:
-    """Join the world group (NCCL with GPUs, gloo without), all-reduce, and write `rank_<r>.json`."""
+    """Join the world group (NCCL with GPUs, gloo without), all-reduce, and write `rank_<r>.json`, with the
+    process settings this rank runs under (NVLink multicast off, CUDA connections, compiler determinism)."""
     import torch
     import torch.distributed as dist
+
+    from unified_train import launch
 
     cuda = torch.cuda.is_available()
     if cuda:
@@ -85,7 +88,8 @@ def rendezvous_probe(cfg_yaml: str, run_dir: str, extra: dict | None = None) -> 
     report = {"rank": rank, "world_size": world, "local_rank": int(os.environ["LOCAL_RANK"]),
               "host": socket.gethostname(), "device": torch.cuda.get_device_name() if cuda else "cpu",
               "all_reduce_ok": value.item() == world * (world + 1) / 2,
-              "slurm_job_id": os.environ.get("SLURM_JOB_ID"), **(extra or {})}
+              "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+              "process_env": {key: os.environ.get(key) for key in launch.BASE_ENV}, **(extra or {})}
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, f"rank_{rank}.json"), "w") as f:
         json.dump(report, f)
