@@ -102,8 +102,8 @@ def main() -> None:
 
     for backend in ("mlm", "bridge"):
         run_dir = out / f"unified_{backend}"
-        results[f"unified {backend}"] = run(
-            [py, "-m", "unified_train", f"backend={backend}", f"hydra.run.dir={run_dir}", *ov], out / f"unified_{backend}.log")
+        cmd = [py, "-m", "unified_train", f"backend={backend}", f"hydra.run.dir={run_dir}", *ov]
+        results[f"unified {backend}"] = run(cmd, out / f"unified_{backend}.log")
         if (run_dir / "summary.json").exists():  # token and FLOP counts per iteration, for every variant
             summaries[backend] = json.loads((run_dir / "summary.json").read_text())
         write_table(args.label, out, peak, results, summaries)

@@ -106,14 +106,14 @@ def validate(argv: list[str]) -> tuple[list[Point], list[str]]:
     except Exception as exc:  # noqa: BLE001 -- any composition problem is a user error here
         return [], [_one_line(exc)]
 
+    # On Slurm the GPUs are the job's, not this (login) host's.
+    resources = (lambda cfg: slurm.check(cfg, launcher)) if slurm.is_slurm(launcher) else plan.check_resources
     points, errors = [], []
     for combo in combos:
         point = Point(overrides=combo, launcher=launcher)
         try:
             point.cfg = _compose(config_dir, config_name, combo)
-            # On Slurm the GPUs are the job's, not this (login) host's.
-            resources = slurm.check if slurm.is_slurm(launcher) else lambda cfg, _: plan.check_resources(cfg)
-            point.errors = plan.check(point.cfg) or resources(point.cfg, launcher)
+            point.errors = plan.check(point.cfg) or resources(point.cfg)
         except Exception as exc:  # noqa: BLE001
             point.errors = [_one_line(exc)]
         points.append(point)
