@@ -1,6 +1,6 @@
 """Throughput benchmark: unified_train vs the same stacks driven natively, one config, one GPU session.
 
-    python scripts/benchmark.py --label vanilla_gpt -- model=vanilla_gpt train.iters=30
+    python scripts/benchmark.py --label vanilla_gpt --repeats 3 -- model=vanilla_gpt train.iters=30
     python scripts/benchmark.py --label llama32_1b -- model=llama32_1b train.seq_length=2048 train.iters=12
 
 Runs, each in its own process and measured with one instrument (the stacks' own per-iteration time lines,
@@ -79,7 +79,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--label", required=True)
     parser.add_argument("--out", default=None, help="directory for logs and the JSON/markdown results")
+    parser.add_argument("--backends", default="mlm,bridge", help="comma-separated: which backends to measure")
     parser.add_argument("--skip-pair", action="store_true", help="do not time the in-process pair")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="run every variant this many times, in alternating order (ABC CBA ...), and report "
+                             "medians: a drifting host (clocks, another tenant) then biases no variant")
     parser.add_argument("--no-warmup", action="store_true",
                         help="skip the discarded first run (it fills the torch.compile/inductor and file caches, "
                              "which otherwise make whichever variant runs first look slow to start)")
@@ -89,39 +93,58 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     ov = [*QUIET, *args.overrides]
     py = sys.executable
+    backends = args.backends.split(",")
 
     peak = measure_bf16_peak()  # first, so a session cut off mid-way still reports MFU for what it measured
     if not args.no_warmup:
-        run([py, "scripts/native_baseline.py", "mlm", *ov], out / "warmup.log")
-    results: dict[str, dict] = {}
+        run([py, "scripts/native_baseline.py", backends[0], *ov], out / "warmup.log")
+
+    # Each variant's command for repeat r (a unified run needs a directory of its own every time).
+    variants: dict[str, object] = {}
+    for backend in backends:
+        variants[f"unified {backend}"] = lambda r, b=backend: [
+            py, "-m", "unified_train", f"backend={b}", f"hydra.run.dir={out / f'unified_{b}_{r}'}", *ov]
+        variants[f"native {backend}"] = lambda r, b=backend: [py, "scripts/native_baseline.py", b, *ov]
+    if not args.skip_pair and len(backends) == 2:
+        variants["pair in one process"] = lambda r: [
+            py, "-m", "unified_train", "-m", f"backend={','.join(backends)}", f"hydra.sweep.dir={out / f'pair_{r}'}", *ov]
+
+    runs: dict[str, list[dict]] = {name: [] for name in variants}
     summaries: dict[str, dict] = {}
-
-    def measure(name: str, cmd: list[str], log: Path) -> None:
-        results[name] = run(cmd, log)
-        write_table(args.label, out, peak, results, summaries)  # after every variant: survives a cut-off session
-
-    for backend in ("mlm", "bridge"):
-        run_dir = out / f"unified_{backend}"
-        cmd = [py, "-m", "unified_train", f"backend={backend}", f"hydra.run.dir={run_dir}", *ov]
-        results[f"unified {backend}"] = run(cmd, out / f"unified_{backend}.log")
-        if (run_dir / "summary.json").exists():  # token and FLOP counts per iteration, for every variant
-            summaries[backend] = json.loads((run_dir / "summary.json").read_text())
-        write_table(args.label, out, peak, results, summaries)
-        measure(f"native {backend}", [py, "scripts/native_baseline.py", backend, *ov], out / f"native_{backend}.log")
-    if not args.skip_pair:
-        measure("pair in one process",
-                [py, "-m", "unified_train", "-m", "backend=mlm,bridge", f"hydra.sweep.dir={out / 'pair'}", *ov],
-                out / "pair.log")
-    print(write_table(args.label, out, peak, results, summaries))
+    for r, name in schedule(list(variants), args.repeats):
+        runs[name].append(run(variants[name](r), out / f"{name.replace(' ', '_')}_{r}.log"))
+        backend = name.split()[-1]
+        summary = out / f"unified_{backend}_{r}" / "summary.json"
+        if name.startswith("unified") and summary.exists():  # token and FLOP counts per iteration
+            summaries.setdefault(backend, json.loads(summary.read_text()))
+        write_table(args.label, out, peak, runs, summaries)  # after every run: survives a cut-off session
+    print(write_table(args.label, out, peak, runs, summaries))
 
 
-def write_table(label: str, out: Path, peak: float, results: dict[str, dict], summaries: dict[str, dict]) -> str:
-    """Derive throughput, MFU and the ratios from what has been measured so far; write `<label>.md/.json`."""
-    for name, r in results.items():
-        backend = "bridge" if "bridge" in name else "mlm"
-        s = summaries.get(backend)
-        r.update(tokens_per_s=None, tflops_per_gpu=None, mfu=None)
-        if s is None or r.get("failed") or not r["steady_iter_s"]:
+def schedule(names: list[str], repeats: int) -> list[tuple[int, str]]:
+    """(repeat, variant) in run order: forward, then backward, and so on, so a slow drift of the host
+    (clocks, temperature, another tenant) weighs on every variant alike."""
+    return [(r, name) for r in range(repeats) for name in (names if r % 2 == 0 else names[::-1])]
+
+
+def _median(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if not r.get("failed") and r.get(key) is not None]
+    return statistics.median(values) if values else None
+
+
+def write_table(label: str, out: Path, peak: float, runs: dict[str, list[dict]], summaries: dict[str, dict]) -> str:
+    """Medians over each variant's runs, then throughput, MFU and the ratios; write `<label>.md/.json`."""
+    results: dict[str, dict] = {}
+    for name, measured in runs.items():
+        if not measured:
+            continue
+        steady = [m["steady_iter_s"] for m in measured if not m.get("failed") and m["steady_iter_s"]]
+        r = results[name] = {key: _median(measured, key) for key in ("steady_iter_s", "first_iteration_s", "wall_s")}
+        r.update(runs=len(measured), failed=sum(bool(m.get("failed")) for m in measured),
+                 steady_spread=(min(steady), max(steady)) if steady else None,
+                 tokens_per_s=None, tflops_per_gpu=None, mfu=None)
+        s = summaries.get(name.split()[-1] if "pair" not in name else "mlm")
+        if s is None or not r["steady_iter_s"]:
             continue
         r["tokens_per_s"] = s["tokens_per_iteration"] / r["steady_iter_s"]
         if "pair" not in name:
@@ -129,33 +152,33 @@ def write_table(label: str, out: Path, peak: float, results: dict[str, dict], su
             r["mfu"] = r["tflops_per_gpu"] / peak
     for backend in ("mlm", "bridge"):
         u, n = results.get(f"unified {backend}"), results.get(f"native {backend}")
-        if u and n and not (u.get("failed") or n.get("failed")):
+        if u and n and u["steady_iter_s"] and n["steady_iter_s"]:
             u["throughput_vs_native"] = n["steady_iter_s"] / u["steady_iter_s"]
             u["first_iteration_vs_native"] = u["first_iteration_s"] / n["first_iteration_s"]
-    pair = results.get("pair in one process")
-    if pair and not pair.get("failed") and "unified mlm" in results and "unified bridge" in results:
-        pair["wall_vs_two_processes"] = pair["wall_s"] / (results["unified mlm"]["wall_s"] +
-                                                          results["unified bridge"]["wall_s"])
+    pair, u_mlm, u_bridge = (results.get(k) for k in ("pair in one process", "unified mlm", "unified bridge"))
+    if pair and u_mlm and u_bridge and pair["wall_s"] and u_mlm["wall_s"] and u_bridge["wall_s"]:
+        pair["wall_vs_two_processes"] = pair["wall_s"] / (u_mlm["wall_s"] + u_bridge["wall_s"])
 
     def fmt(v, spec):
         return "" if v is None else format(v, spec)
 
-    lines = [f"### {label} (bf16 matmul peak measured here: {peak:.0f} TFLOP/s)", "",
-             "| variant | steady s/it | tokens/s | TFLOP/s/GPU | MFU | first iteration s | wall s | ratio |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [f"### {label} (bf16 matmul peak measured here: {peak:.0f} TFLOP/s; medians over the runs)", "",
+             "| variant | runs | steady s/it | (min-max) | tokens/s | TFLOP/s/GPU | MFU | first iteration s | wall s | ratio |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---|"]
     for name, r in results.items():
-        ratio = "FAILED (see its log)" if r.get("failed") else ""
+        ratio = f"{r['failed']} FAILED (see the logs)" if r["failed"] else ""
         if "throughput_vs_native" in r:
             ratio = (f"throughput {r['throughput_vs_native']:.3f}x native, "
                      f"first-iteration time {r['first_iteration_vs_native']:.2f}x native")
         if "wall_vs_two_processes" in r:
             ratio = f"wall {r['wall_vs_two_processes']:.2f}x of two separate processes"
-        lines.append(f"| {name} | {fmt(r['steady_iter_s'], '.4f')} | {fmt(r['tokens_per_s'], ',.0f')} | "
-                     f"{fmt(r['tflops_per_gpu'], '.1f')} | {fmt(r['mfu'], '.1%')} | "
-                     f"{fmt(r['first_iteration_s'], '.1f')} | {r['wall_s']:.1f} | {ratio} |")
+        spread = f"{r['steady_spread'][0]:.4f}-{r['steady_spread'][1]:.4f}" if r["steady_spread"] else ""
+        lines.append(f"| {name} | {r['runs']} | {fmt(r['steady_iter_s'], '.4f')} | {spread} | "
+                     f"{fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['tflops_per_gpu'], '.1f')} | {fmt(r['mfu'], '.1%')} | "
+                     f"{fmt(r['first_iteration_s'], '.1f')} | {fmt(r['wall_s'], '.1f')} | {ratio} |")
     text = "\n".join(lines)
     (out / f"{label}.md").write_text(text + "\n")
-    (out / f"{label}.json").write_text(json.dumps({"peak_tflops": peak, "results": results}, indent=2))
+    (out / f"{label}.json").write_text(json.dumps({"peak_tflops": peak, "runs": runs, "results": results}, indent=2))
     return text
 
 

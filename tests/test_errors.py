@@ -144,3 +144,41 @@ def test_dry_run_lists_every_sweep_job_with_its_world_size(tmp_path):
     assert all(row.rstrip().endswith("| ok |") for row in rows)
     assert any("parallel.tp=4 model=gpt_350m backend=bridge | 4 |" in row for row in rows)
     assert list(tmp_path.iterdir()) == []
+
+
+def _earlier_run(run_dir):
+    """What a finished run leaves in its directory: Hydra's record of it and its metrics."""
+    (run_dir / ".hydra").mkdir(parents=True)
+    (run_dir / ".hydra" / "config.yaml").write_text("earlier run's config\n")
+    (run_dir / "metrics.jsonl").write_text('{"iteration": 1, "lm loss": 10.0}\n')
+    return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("args, key", [
+    (["mode=preflight", "hydra.run.dir={d}"], "hydra.run.dir"),
+    (["mode=preflight", "run_dir={d}", "hydra.run.dir={d}_hydra"], "run_dir"),
+    (["-m", "backend=mlm,bridge", "mode=parity", "hydra.sweep.dir={d}"], "hydra.sweep.dir"),
+], ids=["run", "run_dir", "sweep"])
+def test_an_earlier_run_is_never_overwritten(args, key, tmp_path):
+    """Refused before Hydra starts: Hydra would otherwise rewrite .hydra/ (and multirun.yaml) first."""
+    earlier = tmp_path / "earlier"
+    before = _earlier_run(earlier)
+    proc = run_cli([a.format(d=earlier) for a in args], tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = _error_lines(proc.stderr)
+    assert line.startswith(f"unified_train: {key}: {earlier} already holds") and f"choose a new {key}" in line, line
+    assert {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["earlier"]
+
+
+def test_a_torchrun_rank_refuses_an_earlier_run_before_hydra_starts(tmp_path):
+    """The ranks of one torchrun job create the directory together, so a rank does not take the .hydra/ its peers
+    write for an earlier run; the earlier run's outputs still stop every rank before Hydra writes anything."""
+    earlier = tmp_path / "earlier"
+    before = _earlier_run(earlier)
+    proc = run_cli(["mode=preflight", f"hydra.run.dir={earlier}"], tmp_path, timeout=120,
+                   env={"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    assert proc.returncode == 2, proc.stderr
+    (line,) = _error_lines(proc.stderr)
+    assert line.startswith(f"unified_train: hydra.run.dir: {earlier} already holds metrics.jsonl:"), line
+    assert {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()} == before

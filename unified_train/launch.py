@@ -74,7 +74,7 @@ def run(cfg) -> None:
         print(export.render(cfg))
         return
     run_dir = cfg.run_dir or _hydra_output_dir()
-    problem = plan.check_run_dir(run_dir)
+    problem = plan.check_run_dir(run_dir, plan.output_dir_key(cfg, multirun=sweep_id() != "single"))
     if problem:
         print(f"unified_train: {problem}", file=sys.stderr)
         sys.exit(2)

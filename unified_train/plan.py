@@ -175,14 +175,22 @@ def tp_group_id(cfg) -> str:
 _HYDRA_OWN = (".hydra",)
 
 
-def check_run_dir(run_dir: str) -> str | None:
-    """A run never starts in a directory that already holds a run's output (nothing is overwritten)."""
+def output_dir_key(cfg, multirun: bool) -> str:
+    """The key a user changes to move a job's output directory."""
+    if cfg.run_dir:
+        return "run_dir"
+    return "hydra.sweep.dir" if multirun else "hydra.run.dir"
+
+
+def check_run_dir(run_dir: str, key: str = "run_dir", started: bool = True) -> str | None:
+    """A run never starts in a directory that already holds a run's output (nothing is overwritten). Once Hydra
+    has `started` the job it has written its own record (.hydra) and job log there; before, those are a run's too."""
     if not os.path.isdir(run_dir):
         return None
-    leftovers = [f for f in os.listdir(run_dir) if f not in _HYDRA_OWN and not f.endswith(".log")]
+    leftovers = [f for f in os.listdir(run_dir) if not (started and (f in _HYDRA_OWN or f.endswith(".log")))]
     if leftovers:
-        return (f"run_dir={run_dir} already holds {', '.join(sorted(leftovers)[:4])}: "
-                "choose a new run_dir (or hydra.run.dir); resuming is explicit via checkpoint.load")
+        return (f"{key}: {run_dir} already holds {', '.join(sorted(leftovers)[:4])}: "
+                f"choose a new {key}; resuming is explicit via checkpoint.load")
     return None
 
 

@@ -7,6 +7,7 @@ the key and the fix, and the process exits with 2 before Hydra creates an output
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +104,8 @@ def validate(argv: list[str]) -> tuple[list[Point], list[str]]:
                 return [], [slurm.NEEDS_GPUS_PER_NODE]
             launcher = OmegaConf.to_container(hcfg.hydra.launcher, resolve=True)
         combos = _sweep_choices(base, sweeper_params) if args.multirun else [base]
+        taken = _taken_output_dirs(hcfg if args.multirun else _compose(config_dir, config_name, base, with_hydra=True),
+                                   args.multirun)
     except Exception as exc:  # noqa: BLE001 -- any composition problem is a user error here
         return [], [_one_line(exc)]
 
@@ -119,7 +122,22 @@ def validate(argv: list[str]) -> tuple[list[Point], list[str]]:
         points.append(point)
         label = f"[{' '.join(combo)}] " if args.multirun and len(combos) > 1 else ""
         errors += [label + e for e in point.errors]
-    return points, errors
+    return points, errors + taken
+
+
+def _taken_output_dirs(hcfg, multirun: bool) -> list[str]:
+    """Hydra writes its record of a run (.hydra/, and multirun.yaml for a sweep) into the output directory before
+    the job starts, so an earlier run there would lose its record before launch.run could refuse: check first.
+    The ranks of one torchrun job write their .hydra/ into the same directory at once, so a rank judges only
+    the outputs a run writes after all ranks have started."""
+    from unified_train import plan
+
+    peers_started = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    dirs = {plan.output_dir_key(hcfg, multirun): hcfg.run_dir} if hcfg.run_dir else {}
+    dirs.setdefault("hydra.sweep.dir" if multirun else "hydra.run.dir",
+                    hcfg.hydra.sweep.dir if multirun else hcfg.hydra.run.dir)
+    problems = [plan.check_run_dir(d, key, started=peers_started) for key, d in dirs.items()]
+    return [p for p in problems if p]
 
 
 def dry_run_table(points: list[Point]) -> str:

@@ -1,0 +1,52 @@
+"""scripts/benchmark.py's bookkeeping (the GPU runs themselves happen on the GPU node): run order and the
+medians and ratios its table reports."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from ut_helpers import REPO
+
+spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
+benchmark = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(benchmark)
+
+
+def test_repeats_alternate_their_order():
+    assert benchmark.schedule(["a", "b", "c"], 3) == [
+        (0, "a"), (0, "b"), (0, "c"), (1, "c"), (1, "b"), (1, "a"), (2, "a"), (2, "b"), (2, "c")]
+    assert benchmark.schedule(["a", "b"], 1) == [(0, "a"), (0, "b")]
+
+
+def _run(steady, first=10.0, wall=60.0, failed=False):
+    if failed:
+        return {"failed": True, "wall_s": 5.0, "first_iteration_s": None, "steady_iter_s": None, "iterations": 0}
+    return {"steady_iter_s": steady, "first_iteration_s": first, "wall_s": wall, "iterations": 20}
+
+
+def test_table_reports_medians_ratios_and_failures(tmp_path):
+    runs = {
+        "unified mlm": [_run(0.12, first=12.0, wall=70.0), _run(0.10, first=11.0, wall=66.0), _run(0.11, wall=64.0)],
+        "native mlm": [_run(0.10, first=10.0), _run(0.10, first=10.0), _run(0.0, failed=True)],
+        "unified bridge": [_run(0.09, wall=60.0)],
+        "native bridge": [_run(0.09)],
+        "pair in one process": [_run(0.10, wall=100.0)],
+    }
+    summaries = {b: {"tokens_per_iteration": 16384, "flops_per_iteration": 2e12, "world_size": 1}
+                 for b in ("mlm", "bridge")}
+    text = benchmark.write_table("t", tmp_path, 800.0, runs, summaries)
+    results = json.loads((tmp_path / "t.json").read_text())["results"]
+    mlm = results["unified mlm"]
+    assert mlm["steady_iter_s"] == pytest.approx(0.11) and mlm["steady_spread"] == [0.10, 0.12]
+    assert mlm["first_iteration_s"] == 11.0 and mlm["wall_s"] == 66.0
+    assert mlm["throughput_vs_native"] == pytest.approx(0.10 / 0.11)  # the failed native run is left out
+    assert mlm["first_iteration_vs_native"] == pytest.approx(1.1)
+    assert mlm["tflops_per_gpu"] == pytest.approx(2e12 / 0.11 / 1e12) and mlm["mfu"] == pytest.approx(mlm["tflops_per_gpu"] / 800)
+    assert results["native mlm"]["failed"] == 1 and results["native mlm"]["runs"] == 3
+    assert results["pair in one process"]["wall_vs_two_processes"] == pytest.approx(100.0 / (66.0 + 60.0))
+    assert "| unified mlm | 3 | 0.1100 | 0.1000-0.1200 |" in text
+    assert "| native mlm | 3 | 0.1000 |" in text and "1 FAILED" in text
+    assert (tmp_path / "t.md").read_text().strip() == text
