@@ -90,6 +90,8 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*", help="unified_train overrides (after --)")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_"))
+    if out.is_dir() and any(out.iterdir()):  # its run directories would be refused, and its tables overwritten
+        sys.exit(f"--out {out} already holds results: choose a new --out")
     out.mkdir(parents=True, exist_ok=True)
     ov = [*QUIET, *args.overrides]
     py = sys.executable

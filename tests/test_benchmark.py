@@ -7,7 +7,6 @@ import importlib.util
 import json
 
 import pytest
-
 from ut_helpers import REPO
 
 spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")

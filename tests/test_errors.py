@@ -182,3 +182,14 @@ def test_a_torchrun_rank_refuses_an_earlier_run_before_hydra_starts(tmp_path):
     (line,) = _error_lines(proc.stderr)
     assert line.startswith(f"unified_train: hydra.run.dir: {earlier} already holds metrics.jsonl:"), line
     assert {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.parametrize("env", [{"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, {"SLURM_STEP_NUM_TASKS": "2"}],
+                         ids=["torchrun", "srun"])
+def test_the_ranks_of_one_job_need_one_explicit_directory(env, tmp_path):
+    """Every rank composes its own timestamped default directory; the ranks would write into different ones."""
+    proc = run_cli(["mode=preflight"], tmp_path, timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = _error_lines(proc.stderr)
+    assert line.startswith("unified_train: hydra.run.dir:") and "give hydra.run.dir=DIR" in line, line
+    assert list(tmp_path.iterdir()) == []

@@ -25,6 +25,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def one_of_several_ranks() -> bool:
+    """This process is one rank of a job whose other ranks run the same command at the same moment: under
+    torchrun, or in a Slurm job step of several tasks (srun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
+
+
 def adopt_slurm_ranks() -> bool:
     """Inside a Slurm job step of several tasks (srun, or hydra/launcher=slurm through submitit), export torch's
     env:// variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from the Slurm environment.

@@ -7,9 +7,10 @@ the key and the fix, and the process exits with 2 before Hydra creates an output
 from __future__ import annotations
 
 import itertools
-import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from omegaconf import OmegaConf
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -84,7 +85,6 @@ def _one_line(exc: Exception) -> str:
 def validate(argv: list[str]) -> tuple[list[Point], list[str]]:
     """Compose and check every job the command line describes. Returns the points and one line per problem."""
     from hydra._internal.utils import get_args_parser
-    from omegaconf import OmegaConf
 
     from unified_train import plan, slurm
 
@@ -104,7 +104,7 @@ def validate(argv: list[str]) -> tuple[list[Point], list[str]]:
                 return [], [slurm.NEEDS_GPUS_PER_NODE]
             launcher = OmegaConf.to_container(hcfg.hydra.launcher, resolve=True)
         combos = _sweep_choices(base, sweeper_params) if args.multirun else [base]
-        taken = _taken_output_dirs(hcfg if args.multirun else _compose(config_dir, config_name, base, with_hydra=True),
+        taken = _output_dir_problems(hcfg if args.multirun else _compose(config_dir, config_name, base, with_hydra=True),
                                    args.multirun)
     except Exception as exc:  # noqa: BLE001 -- any composition problem is a user error here
         return [], [_one_line(exc)]
@@ -125,18 +125,24 @@ def validate(argv: list[str]) -> tuple[list[Point], list[str]]:
     return points, errors + taken
 
 
-def _taken_output_dirs(hcfg, multirun: bool) -> list[str]:
+def _output_dir_problems(hcfg, multirun: bool) -> list[str]:
     """Hydra writes its record of a run (.hydra/, and multirun.yaml for a sweep) into the output directory before
     the job starts, so an earlier run there would lose its record before launch.run could refuse: check first.
-    The ranks of one torchrun job write their .hydra/ into the same directory at once, so a rank judges only
-    the outputs a run writes after all ranks have started."""
-    from unified_train import plan
 
-    peers_started = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    The ranks of one torchrun job (or srun step) each run this command: they need one directory, which a
+    per-process timestamp does not give them, and they write their .hydra/ into it at the same moment, so a rank
+    judges only the outputs a run writes once all its ranks have started."""
+    from unified_train import plan, ranks
+
+    several = ranks.one_of_several_ranks()
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
     dirs = {plan.output_dir_key(hcfg, multirun): hcfg.run_dir} if hcfg.run_dir else {}
-    dirs.setdefault("hydra.sweep.dir" if multirun else "hydra.run.dir",
-                    hcfg.hydra.sweep.dir if multirun else hcfg.hydra.run.dir)
-    problems = [plan.check_run_dir(d, key, started=peers_started) for key, d in dirs.items()]
+    dirs.setdefault(key, hcfg.hydra.sweep.dir if multirun else hcfg.hydra.run.dir)
+    pattern = OmegaConf.to_container(hcfg.hydra.sweep if multirun else hcfg.hydra.run, resolve=False)["dir"]
+    if several and not hcfg.run_dir and "${now:" in pattern:
+        return [(f"{key}: the ranks of this job need one output directory, and {pattern} is timestamped per "
+                 f"process: give {key}=DIR (the same on every rank)")]
+    problems = [plan.check_run_dir(d, k, started=several) for k, d in dirs.items()]
     return [p for p in problems if p]
 
 

@@ -60,9 +60,10 @@ def _assert_bitwise(a: list[dict], b: list[dict]) -> None:
         assert _series(a, key) == _series(b, key), f"{key} differs: {_series(a, key)} vs {_series(b, key)}"
 
 
-def _pair(tmp_path: Path, name: str, *overrides: str, quiet: bool = True) -> dict[str, list[dict]]:
+def _pair(tmp_path: Path, name: str, *overrides: str, quiet: bool = True,
+          order: str = "mlm,bridge") -> dict[str, list[dict]]:
     sweep = tmp_path / name
-    _run(["-m", "backend=mlm,bridge", f"hydra.sweep.dir={sweep}", *(QUIET if quiet else []), *overrides],
+    _run(["-m", f"backend={order}", f"hydra.sweep.dir={sweep}", *(QUIET if quiet else []), *overrides],
          tmp_path / f"{name}.log")
     runs = {b: _metrics(d) for b, d in _job_dirs(sweep).items()}
     assert set(runs) == {"mlm", "bridge"}
@@ -103,6 +104,14 @@ def test_inprocess_pair_equals_separate_processes(default_pair, tmp_path):
         run_dir = tmp_path / backend
         _run([f"backend={backend}", f"hydra.run.dir={run_dir}", *QUIET], tmp_path / f"{backend}.log")
         _assert_bitwise(_metrics(run_dir), default_pair[backend])
+
+
+def test_bridge_first_in_one_process_changes_nothing(default_pair, tmp_path):
+    """A sweep runs MLM after Bridge in one process too (`backend=mlm,bridge rng.seed=1,2`): what Bridge leaves
+    behind must not reach MLM's numerics either."""
+    runs = _pair(tmp_path, "bridge_first", order="bridge,mlm")
+    for backend in ("mlm", "bridge"):
+        _assert_bitwise(runs[backend], default_pair[backend])
 
 
 def test_both_stacks_log_the_pair_to_wandb(default_sweep, default_pair):
