@@ -36,8 +36,8 @@ def run_cli(args, cwd, *, python_flags=(), timeout=300, env=None) -> subprocess.
                           env={**subprocess_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
-def run_python(code: str, cwd, timeout=300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=subprocess_env(), capture_output=True,
+def run_python(code: str, cwd, timeout=300, args=()) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=subprocess_env(), capture_output=True,
                           text=True, timeout=timeout)
 
 

@@ -13,6 +13,7 @@ import os
 from omegaconf import OmegaConf
 
 from unified_train import config as C
+from unified_train import datafiles
 
 CHOICES = {
     "backend.name": ("mlm", "bridge"),
@@ -131,6 +132,7 @@ def check(cfg) -> list[str]:
                       "(use determinism=strict)")
     if cfg.data.type == "indexed" and not cfg.data.data_path:
         errors.append("data.data_path is empty: give the .bin/.idx prefixes, e.g. data.data_path=[/data/my_text_document]")
+    errors += datafiles.problems(cfg)
     if cfg.data.type == "mock" and cfg.data.data_path:
         errors.append("data.data_path is set but data.type=mock: use data=indexed")
     if cfg.data.tokenizer_type == "HuggingFaceTokenizer" and not cfg.data.tokenizer_model:
