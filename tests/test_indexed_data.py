@@ -32,6 +32,33 @@ def corpus(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def hf_tokenizer(tmp_path_factory):
+    """A real Hugging Face tokenizer directory (a byte-level BPE of 1000 tokens), as a user keeps one offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    path = tmp_path_factory.mktemp("tokenizer")
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator([f"the quick brown fox jumps over the lazy dog {i}" for i in range(2000)],
+                            trainers.BpeTrainer(vocab_size=1000, special_tokens=["<unk>", "<|endoftext|>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>").save_pretrained(path)
+    return path
+
+
+def test_a_tokenizer_of_its_own_sizes_both_embeddings(corpus, hf_tokenizer):
+    """A Hugging Face tokenizer brings its own vocabulary: both stacks size (and pad) the embedding from it, not
+    from model.vocab_size, and the parity diff sees what each stack's setup will build."""
+    from unified_train import parity
+
+    cfg = compose(["data=indexed", f"data.tokenizer_model={hf_tokenizer}", f"data.data_path=[{corpus}/a]",
+                   "data.split='90,5,5'", "parallel.dp=1"])
+    both = parity.describe_both(cfg)
+    assert both["mlm"]["gpt.vocab_size"] == both["bridge"]["gpt.vocab_size"] == 1024  # 1000 padded to 128
+    assert parity.diff(both["mlm"], both["bridge"]) == []
+
+
 # Builds each stack's datasets the way its pretrain does: MLM through our dataset provider and MLM's
 # build_train_valid_test_datasets (sample counts from its args), Bridge through its own provider and loader
 # helper (sample counts from the ConfigContainer), both from the configs translated from one unified config.
@@ -72,10 +99,11 @@ print("RESULT", json.dumps(out))
 """
 
 
-def test_both_stacks_draw_the_same_blended_samples(corpus, tmp_path):
+def test_both_stacks_draw_the_same_blended_samples(corpus, hf_tokenizer, tmp_path):
     from unified_train.ranks import free_port
 
-    overrides = [*DATA, f"data.data_path=['0.3 {corpus}/a','0.7 {corpus}/b']", "data.split='90,5,5'"]
+    overrides = ["data=indexed", f"data.tokenizer_model={hf_tokenizer}", "data.split='90,5,5'",
+                 f"data.data_path=['0.3 {corpus}/a','0.7 {corpus}/b']"]
     proc = run_python(_BUILD_BOTH, tmp_path, timeout=400, args=(json.dumps(overrides), str(free_port())))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])

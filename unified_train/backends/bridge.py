@@ -155,15 +155,13 @@ def describe(native: Native) -> dict[str, object]:
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.transformer import MLATransformerConfig, TransformerConfig
-    from megatron.training.vocab_utils import calculate_padded_vocab_size
 
     c = native.container
     m = c.model
     tc_cls = MLATransformerConfig if isinstance(m, MLATransformerConfig) else TransformerConfig
     out = common.flatten("transformer", m, common.dataclass_fields(tc_cls))
     out.update(common.flatten("gpt", m, _GPT_FIELDS))
-    out["gpt.vocab_size"] = calculate_padded_vocab_size(c.tokenizer.vocab_size, m.make_vocab_size_divisible_by,
-                                                        m.tensor_model_parallel_size, logging_enabled=False)
+    out["gpt.vocab_size"] = _embedding_rows(c)
     out.update(common.flatten("optimizer", c.optimizer, common.dataclass_fields(OptimizerConfig)))
     out.update(common.flatten("ddp", c.ddp, common.dataclass_fields(DistributedDataParallelConfig)))
     out.update(common.flatten("dataset", c.dataset, _DATASET_FIELDS))
@@ -178,6 +176,24 @@ def describe(native: Native) -> dict[str, object]:
     out.update(common.schedule_trace(lambda opt: _get_scheduler(c.optimizer, c.scheduler, opt),
                                      c.train.train_iters, c.train.global_batch_size))
     return out
+
+
+def _embedding_rows(c) -> int:
+    """The vocabulary Bridge's setup gives the model: the tokenizer's own (a HuggingFace tokenizer ignores the
+    unified model.vocab_size), padded like MLM's when it came from the tokenizer (setup's
+    _validate_and_set_vocab_size, then GPTModelProvider.provide)."""
+    from megatron.bridge.training.setup import _validate_and_set_vocab_size
+    from megatron.bridge.training.tokenizers.tokenizer import build_tokenizer
+    from megatron.training.vocab_utils import calculate_padded_vocab_size
+
+    with common.quiet():
+        tokenizer = build_tokenizer(c.tokenizer)
+    vocab, pad = _validate_and_set_vocab_size(c.model.vocab_size, tokenizer.vocab_size,
+                                              c.tokenizer.use_tokenizer_vocab_size)
+    if not pad:
+        return vocab
+    return calculate_padded_vocab_size(vocab, c.model.make_vocab_size_divisible_by, c.model.tensor_model_parallel_size,
+                                       logging_enabled=False)
 
 
 _GPT_FIELDS = ("seq_length", "position_embedding_type", "rotary_base", "rotary_percent", "rope_scaling",
