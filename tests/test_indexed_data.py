@@ -91,9 +91,9 @@ bridge_sets = build_train_valid_test_datasets(c, get_dataset_provider(c.dataset)
 
 out = {}
 for name, x, y in zip(("train", "valid", "test"), mlm_sets, bridge_sets):
-    out[name] = {"type": type(x).__name__, "lengths": [len(x), len(y)],
-                 "tokens_equal": all(np.array_equal(x[i]["tokens"], y[i]["tokens"]) and
-                                     np.array_equal(x[i]["labels"], y[i]["labels"]) for i in range(len(x))),
+    out[name] = {"type": type(x).__name__, "lengths": [len(x), len(y)], "keys": sorted(x[0]),
+                 "equal": all(sorted(x[i]) == sorted(y[i]) and all(np.array_equal(x[i][k], y[i][k]) for k in x[i])
+                              for i in range(len(x))),
                  "first": x[0]["tokens"][:4].tolist()}
 print("RESULT", json.dumps(out))
 """
@@ -111,7 +111,7 @@ def test_both_stacks_draw_the_same_blended_samples(corpus, hf_tokenizer, tmp_pat
         split = result[name]
         assert split["type"] == "BlendedDataset", split
         assert split["lengths"][0] == split["lengths"][1] >= needed, split
-        assert split["tokens_equal"], split
+        assert {"tokens", "labels", "loss_mask", "position_ids"} <= set(split["keys"]) and split["equal"], split
     assert result["train"]["first"] != result["valid"]["first"]  # the splits are different documents
 
 
