@@ -193,3 +193,32 @@ def test_the_ranks_of_one_job_need_one_explicit_directory(env, tmp_path):
     (line,) = _error_lines(proc.stderr)
     assert line.startswith("unified_train: hydra.run.dir:") and "give hydra.run.dir=DIR" in line, line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_is_explicit_and_reaches_both_stacks(tmp_path):
+    from ut_helpers import compose
+
+    from unified_train import backends, plan
+
+    default = compose()
+    assert backends.get("mlm").native_config(default).args.load is None
+    assert backends.get("bridge").native_config(default).container.checkpoint.load is None
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    (checkpoints / "latest_checkpointed_iteration.txt").write_text("10\n")
+    resume = compose([f"checkpoint.load={checkpoints}"])
+    assert plan.check(resume) == []
+    assert backends.get("mlm").native_config(resume).args.load == str(checkpoints)
+    assert backends.get("bridge").native_config(resume).container.checkpoint.load == str(checkpoints)
+
+
+def test_a_resume_that_would_not_happen_is_refused(tmp_path):
+    """Both stacks quietly start from scratch when the directory holds no checkpoint."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("10\n")
+    proc = run_cli([f"checkpoint.load={run}", "mode=parity"], tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = _error_lines(proc.stderr)
+    assert line == (f"unified_train: checkpoint.load={run} holds no checkpoint (no latest_checkpointed_iteration.txt), "
+                    f"so neither stack would resume: give checkpoint.load={run}/checkpoints")

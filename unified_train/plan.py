@@ -140,9 +140,25 @@ def check(cfg) -> list[str]:
     if cfg.kernels.transformer_impl == "transformer_engine" and not _importable("transformer_engine"):
         errors.append("kernels.transformer_impl=transformer_engine but Transformer Engine is not installed: "
                       "use kernels.transformer_impl=auto or install unified-train[te]")
-    if cfg.checkpoint.load is not None and not os.path.isdir(cfg.checkpoint.load):
-        errors.append(f"checkpoint.load={cfg.checkpoint.load}: no such directory")
+    if cfg.checkpoint.load is not None:
+        errors += _resume_problems(cfg.checkpoint.load)
     return errors
+
+
+# Both stacks' checkpoint directories hold this tracker; an iteration directory can be given instead.
+_TRACKER = "latest_checkpointed_iteration.txt"
+
+
+def _resume_problems(load: str) -> list[str]:
+    """Both stacks start from scratch, with a warning only, when `load` holds no checkpoint: a resume that was
+    asked for but would not happen is refused."""
+    if not os.path.isdir(load):
+        return [f"checkpoint.load={load}: no such directory"]
+    if os.path.isfile(os.path.join(load, _TRACKER)) or os.path.basename(load.rstrip("/")).startswith("iter_"):
+        return []
+    hint = os.path.join(load, "checkpoints")
+    fix = f"checkpoint.load={hint}" if os.path.isfile(os.path.join(hint, _TRACKER)) else "a run's checkpoints/ directory"
+    return [f"checkpoint.load={load} holds no checkpoint (no {_TRACKER}), so neither stack would resume: give {fix}"]
 
 
 def _divisors(n: int) -> str:
