@@ -38,29 +38,28 @@ def sequence_count(prefix: str) -> int:
     return struct.unpack("<Q", header[-8:])[0]
 
 
-def split_bounds(split: str) -> list[tuple[float, float]]:
-    """[begin, end) fractions of train, validation and test, as MCore normalises `split` ("99,1,0")."""
-    shares = [float(x) for x in re.findall(r"[.0-9]+", split)]
+def split_shares(split: str) -> list[float] | None:
+    """The train, validation and test shares of `split` ("99,1,0"), normalised as MCore's
+    parse_and_normalize_split does; None when it gives no usable shares."""
+    try:
+        shares = [float(x) for x in re.findall(r"[.0-9]+", split)]
+    except ValueError:
+        return None
+    if not 0 < len(shares) <= len(_SPLITS) or sum(shares) <= 0:
+        return None
     shares += [0.0] * (len(_SPLITS) - len(shares))
-    total = sum(shares)
-    bounds, begin = [], 0.0
-    for share in shares:
-        bounds.append((begin, begin + share / total))
-        begin += share / total
-    return bounds
+    return [share / sum(shares) for share in shares]
 
 
 def problems(cfg) -> list[str]:
     d = cfg.data
     if d.type != "indexed" or not d.data_path:
         return []
-    try:
-        shares = [float(x) for x in re.findall(r"[.0-9]+", d.split)]
-    except ValueError:
-        shares = []
-    if not 0 < len(shares) <= len(_SPLITS) or sum(shares) <= 0:
+    shares = split_shares(d.split)
+    if shares is None:
         return [(f"data.split={d.split}: give up to three non-negative shares of train,validation,test, e.g. "
                  "data.split='90,5,5'")]
+    bounds = [(sum(shares[:i]), sum(shares[:i + 1])) for i in range(len(shares))]  # MCore's split matrix
     drawn_from = (True, cfg.validation.eval_iters > 0, cfg.validation.eval_iters > 0)
     out = []
     for prefix in prefixes(d.data_path):
@@ -75,7 +74,7 @@ def problems(cfg) -> list[str]:
             out.append(f"data.data_path: {exc}")
             continue
         # MCore's own rounding of the split bounds (BlendedMegatronDatasetBuilder).
-        empty = [name for name, (begin, end), needed in zip(_SPLITS, split_bounds(d.split), drawn_from)
+        empty = [name for name, (begin, end), needed in zip(_SPLITS, bounds, drawn_from)
                  if needed and end > begin and round(end * n) == round(begin * n)]
         if empty:
             fix = " or set validation.eval_iters=0" if "train" not in empty else ""
