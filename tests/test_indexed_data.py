@@ -5,46 +5,29 @@ from __future__ import annotations
 
 import json
 
-import numpy as np
 import pytest
-from ut_helpers import compose, run_cli, run_python
+from ut_helpers import (
+    compose,
+    run_cli,
+    run_python,
+    write_hf_tokenizer,
+    write_indexed_prefix,
+)
 
 DATA = ["data=indexed", "data.tokenizer_type=NullTokenizer", "data.tokenizer_model=null"]
-
-
-def _write_prefix(prefix, documents: int, seed: int) -> None:
-    """A .bin/.idx pair written by MCore's own builder: `documents` random-length documents of random tokens."""
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    rng = np.random.default_rng(seed)
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
-    for _ in range(documents):
-        doc = rng.integers(0, 31999, size=int(rng.integers(50, 900)), dtype=np.int32)
-        builder.add_document(doc, [len(doc)])
-    builder.finalize(f"{prefix}.idx")
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     root = tmp_path_factory.mktemp("corpus")
-    _write_prefix(root / "a", 300, seed=0)
-    _write_prefix(root / "b", 500, seed=1)
+    write_indexed_prefix(root / "a", 300, seed=0)
+    write_indexed_prefix(root / "b", 500, seed=1)
     return root
 
 
 @pytest.fixture(scope="module")
 def hf_tokenizer(tmp_path_factory):
-    """A real Hugging Face tokenizer directory (a byte-level BPE of 1000 tokens), as a user keeps one offline."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    path = tmp_path_factory.mktemp("tokenizer")
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator([f"the quick brown fox jumps over the lazy dog {i}" for i in range(2000)],
-                            trainers.BpeTrainer(vocab_size=1000, special_tokens=["<unk>", "<|endoftext|>"]))
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>").save_pretrained(path)
-    return path
+    return write_hf_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 def test_a_tokenizer_of_its_own_sizes_both_embeddings(corpus, hf_tokenizer):

@@ -59,3 +59,30 @@ def offline_wandb_run(cfg, run_dir, sweep_id: str, losses=(9.0, 8.0, 7.0), unifi
     proc = subprocess.run([sys.executable, "-c", code, env["WANDB_DIR"], repr(list(losses)), repr(unified or {})],
                           env={**subprocess_env(), **env}, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def write_indexed_prefix(prefix, documents: int, seed: int, vocab: int = 1000) -> None:
+    """A .bin/.idx pair written by MCore's own builder: `documents` documents of 50-900 random tokens below
+    `vocab` (the size of write_hf_tokenizer's vocabulary, so the data also trains with it)."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(seed)
+    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=np.int32)
+    for _ in range(documents):
+        doc = rng.integers(0, vocab, size=int(rng.integers(50, 900)), dtype=np.int32)
+        builder.add_document(doc, [len(doc)])
+    builder.finalize(f"{prefix}.idx")
+
+
+def write_hf_tokenizer(path) -> Path:
+    """A real Hugging Face tokenizer directory (a byte-level BPE of 1000 tokens), as a user keeps one offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.train_from_iterator([f"the quick brown fox jumps over the lazy dog {i}" for i in range(2000)],
+                            trainers.BpeTrainer(vocab_size=1000, special_tokens=["<unk>", "<|endoftext|>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>").save_pretrained(path)
+    return Path(path)

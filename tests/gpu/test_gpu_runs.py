@@ -171,6 +171,19 @@ def test_llama_style_preset_is_bitwise(tmp_path):
     _assert_bitwise(runs["mlm"], runs["bridge"])
 
 
+def test_indexed_data_with_a_tokenizer_of_its_own_is_bitwise(tmp_path):
+    """Megatron .bin/.idx data (two prefixes blended 30/70) and a Hugging Face tokenizer directory, both written
+    here on disk: the pair trains bitwise on them too (the CPU suite shows both stacks draw the same samples)."""
+    from ut_helpers import write_hf_tokenizer, write_indexed_prefix
+
+    for name, documents, seed in (("a", 300, 0), ("b", 500, 1)):
+        write_indexed_prefix(tmp_path / name, documents, seed)
+    tokenizer = write_hf_tokenizer(tmp_path / "tokenizer")
+    runs = _pair(tmp_path, "indexed_pair", "data=indexed", f"data.tokenizer_model={tokenizer}", "data.split='90,5,5'",
+                 f"data.data_path=['0.3 {tmp_path}/a','0.7 {tmp_path}/b']")
+    _assert_bitwise(runs["mlm"], runs["bridge"])
+
+
 def test_cyclic_sampler_aligns_validation_and_test_losses(tmp_path):
     """With data.dataloader_type=cyclic both stacks draw validation (and training) samples with the same random
     sampler, so the validation and test losses are bitwise equal too, not only the training losses."""
