@@ -22,6 +22,8 @@ BAD_INPUTS = {
     "seq_length above position table": (["train.seq_length=1024", "model.max_position_embeddings=512"],
                                         "train.seq_length"),
     "bad choice": (["precision.dtype=fp8"], "precision.dtype"),
+    "missing tokenizer directory": (["data.tokenizer_type=HuggingFaceTokenizer", "data.tokenizer_model=/no/such/dir"],
+                                    "data.tokenizer_model=/no/such/dir"),
 }
 
 

@@ -135,8 +135,12 @@ def check(cfg) -> list[str]:
     errors += datafiles.problems(cfg)
     if cfg.data.type == "mock" and cfg.data.data_path:
         errors.append("data.data_path is set but data.type=mock: use data=indexed")
-    if cfg.data.tokenizer_type == "HuggingFaceTokenizer" and not cfg.data.tokenizer_model:
+    tokenizer = cfg.data.tokenizer_model
+    if cfg.data.tokenizer_type == "HuggingFaceTokenizer" and not tokenizer:
         errors.append("data.tokenizer_model is unset: give a local tokenizer directory")
+    elif tokenizer and tokenizer.startswith(("/", ".", "~")) and not os.path.isdir(os.path.expanduser(tokenizer)):
+        # A hub id (org/name) is left to the stacks: it may sit in the local Hugging Face cache.
+        errors.append(f"data.tokenizer_model={tokenizer}: no such directory: give a local tokenizer directory")
     if cfg.kernels.transformer_impl == "transformer_engine" and not _importable("transformer_engine"):
         errors.append("kernels.transformer_impl=transformer_engine but Transformer Engine is not installed: "
                       "use kernels.transformer_impl=auto or install unified-train[te]")
