@@ -16,10 +16,15 @@ _IDX_MAGIC = b"MMIDIDX\x00\x00"  # megatron.core.datasets.indexed_dataset._INDEX
 _SPLITS = ("train", "validation", "test")
 
 
+def blend_list(data_path) -> list[str]:
+    """`data.data_path` ("prefix" or "weight prefix" entries) as the flat list both stacks take: MLM's
+    --data-path tokens, and what Bridge's blend is built from (megatron.core's get_blend_from_list)."""
+    return [t for entry in data_path for t in entry.split()]
+
+
 def prefixes(data_path) -> list[str]:
-    """The dataset prefixes of `data.data_path` ("prefix" or "weight prefix" entries), read the way
-    megatron.core.datasets.utils.get_blend_from_list reads the flattened list."""
-    tokens = [t for entry in data_path for t in entry.split()]
+    """The dataset prefixes of `data.data_path`, read the way get_blend_from_list reads the flat list."""
+    tokens = blend_list(data_path)
     if len(tokens) % 2 == 0:
         try:
             [float(w) for w in tokens[0::2]]

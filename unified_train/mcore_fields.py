@@ -12,6 +12,7 @@ import importlib.util
 import os
 
 from unified_train import config as C
+from unified_train import datafiles
 
 
 def resolved_transformer_impl(cfg) -> str:
@@ -199,7 +200,7 @@ def dataset(cfg) -> dict:
         random_seed=C.data_seed(cfg),
         sequence_length=cfg.train.seq_length,
         mock=d.type == "mock",
-        data_path=list(d.data_path),
+        data_path=datafiles.blend_list(d.data_path),  # the flat MCore blend list
         split=d.split,
         num_workers=d.num_workers,
         dataloader_type=d.dataloader_type,

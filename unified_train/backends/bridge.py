@@ -86,7 +86,7 @@ def build_container(cfg, run_dir: str | None):
     from megatron.core.distributed import DistributedDataParallelConfig
 
     data = mcore_fields.dataset(cfg)
-    blend = None if data["mock"] else get_blend_from_list([t for e in data["data_path"] for t in e.split()])
+    blend = None if data["mock"] else get_blend_from_list(data["data_path"])
     optim = mcore_fields.optimizer(cfg)
     dtype = cfg.precision.dtype
     tok = mcore_fields.tokenizer(cfg)

@@ -139,7 +139,7 @@ def build_argv(cfg, run_dir: str | None) -> list[str]:
         create_attention_mask_in_dataloader=False,
     )
     if not data["mock"]:
-        values["data_path"] = [tok for entry in data["data_path"] for tok in entry.split()]
+        values["data_path"] = data["data_path"]
         values["split"] = data["split"]
 
     dtype = cfg.precision.dtype
