@@ -135,10 +135,11 @@ def _output_dir_problems(hcfg, multirun: bool) -> list[str]:
     from unified_train import plan, ranks
 
     several = ranks.one_of_several_ranks()
-    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
-    dirs = {plan.output_dir_key(hcfg, multirun): hcfg.run_dir} if hcfg.run_dir else {}
-    dirs.setdefault(key, hcfg.hydra.sweep.dir if multirun else hcfg.hydra.run.dir)
-    pattern = OmegaConf.to_container(hcfg.hydra.sweep if multirun else hcfg.hydra.run, resolve=False)["dir"]
+    key, node = ("hydra.sweep.dir", hcfg.hydra.sweep) if multirun else ("hydra.run.dir", hcfg.hydra.run)
+    dirs = {key: node.dir}  # where Hydra writes its record
+    if hcfg.run_dir:
+        dirs["run_dir"] = hcfg.run_dir
+    pattern = OmegaConf.to_container(node, resolve=False)["dir"]
     if several and not hcfg.run_dir and "${now:" in pattern:
         return [(f"{key}: the ranks of this job need one output directory, and {pattern} is timestamped per "
                  f"process: give {key}=DIR (the same on every rank)")]
