@@ -25,6 +25,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 ITER_LINE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?elapsed time per iteration \(ms\): ([\d.]+)")
+# Printed by unified_train and by native_baseline.py: splits the time to the first iteration at the stack's entry.
+PRETRAIN_LINE = re.compile(r"pretrain called ([\d.]+) s after process start")
 QUIET = ["logger=none", "checkpoint=none", "validation.eval_iters=0"]
 
 
@@ -52,12 +54,15 @@ def run(cmd: list[str], log: Path) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("TORCHDYNAMO_DISABLE", None)
     start = time.perf_counter()
-    first_iteration = None
+    first_iteration = to_pretrain = None
     times: dict[int, float] = {}
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             f.write(line)
+            called = PRETRAIN_LINE.search(line)
+            if called and to_pretrain is None:
+                to_pretrain = float(called.group(1))
             m = ITER_LINE.search(line)
             if m:
                 it = int(m.group(1))
@@ -68,10 +73,10 @@ def run(cmd: list[str], log: Path) -> dict:
     if proc.returncode != 0:
         print(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}", file=sys.stderr)
         return {"failed": True, "wall_s": time.perf_counter() - start, "first_iteration_s": None,
-                "steady_iter_s": None, "iterations": len(times)}
+                "to_pretrain_s": None, "steady_iter_s": None, "iterations": len(times)}
     # Skip warm-up: iteration 1 compiles, and MLM prints iteration 2 as the mean of iterations 1 and 2.
     steady = [t for it, t in sorted(times.items()) if it >= max(4, len(times) // 3)]
-    return {"wall_s": time.perf_counter() - start, "first_iteration_s": first_iteration,
+    return {"wall_s": time.perf_counter() - start, "first_iteration_s": first_iteration, "to_pretrain_s": to_pretrain,
             "steady_iter_s": statistics.median(steady) if steady else None, "iterations": len(times)}
 
 
@@ -141,7 +146,8 @@ def write_table(label: str, out: Path, peak: float, runs: dict[str, list[dict]],
         if not measured:
             continue
         steady = [m["steady_iter_s"] for m in measured if not m.get("failed") and m["steady_iter_s"]]
-        r = results[name] = {key: _median(measured, key) for key in ("steady_iter_s", "first_iteration_s", "wall_s")}
+        r = results[name] = {key: _median(measured, key)
+                             for key in ("steady_iter_s", "first_iteration_s", "to_pretrain_s", "wall_s")}
         r.update(runs=len(measured), failed=sum(bool(m.get("failed")) for m in measured),
                  steady_spread=(min(steady), max(steady)) if steady else None,
                  tokens_per_s=None, tflops_per_gpu=None, mfu=None)
@@ -165,8 +171,9 @@ def write_table(label: str, out: Path, peak: float, runs: dict[str, list[dict]],
         return "" if v is None else format(v, spec)
 
     lines = [f"### {label} (bf16 matmul peak measured here: {peak:.0f} TFLOP/s; medians over the runs)", "",
-             "| variant | runs | steady s/it | (min-max) | tokens/s | TFLOP/s/GPU | MFU | first iteration s | wall s | ratio |",
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+             ("| variant | runs | steady s/it | (min-max) | tokens/s | TFLOP/s/GPU | MFU | to pretrain s "
+              "| first iteration s | wall s | ratio |"),
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---|"]
     for name, r in results.items():
         ratio = f"{r['failed']} FAILED (see the logs)" if r["failed"] else ""
         if "throughput_vs_native" in r:
@@ -177,11 +184,35 @@ def write_table(label: str, out: Path, peak: float, runs: dict[str, list[dict]],
         spread = f"{r['steady_spread'][0]:.4f}-{r['steady_spread'][1]:.4f}" if r["steady_spread"] else ""
         lines.append(f"| {name} | {r['runs']} | {fmt(r['steady_iter_s'], '.4f')} | {spread} | "
                      f"{fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['tflops_per_gpu'], '.1f')} | {fmt(r['mfu'], '.1%')} | "
-                     f"{fmt(r['first_iteration_s'], '.1f')} | {fmt(r['wall_s'], '.1f')} | {ratio} |")
-    text = "\n".join(lines)
+                     f"{fmt(r['to_pretrain_s'], '.1f')} | {fmt(r['first_iteration_s'], '.1f')} | {fmt(r['wall_s'], '.1f')} | {ratio} |")
+    text = "\n".join(lines + ["", run_to_run(out)])
     (out / f"{label}.md").write_text(text + "\n")
     (out / f"{label}.json").write_text(json.dumps({"peak_tflops": peak, "runs": runs, "results": results}, indent=2))
     return text
+
+
+def run_to_run(out: Path) -> str:
+    """Every unified_train run of a benchmark trains the same config (both backends, the pairs too), so they must
+    all agree bit for bit: a determinism check at no extra GPU cost."""
+    from unified_train import compare
+
+    runs = [r for r in compare.load_runs([str(out)]) if r.metrics]
+    if len(runs) < 2:
+        return "Run-to-run: fewer than two unified_train runs finished, nothing to compare."
+    ref, keys = runs[0], ("lm loss", "grad_norm", "lr")
+    differing = []
+    for run in runs[1:]:
+        first = next((a["iteration"] for a, b in zip(ref.metrics, run.metrics)
+                      if any(a.get(k) != b.get(k) for k in keys)), None)
+        if first is not None:
+            differing.append(f"{Path(run.path).relative_to(out)} (from iteration {first})")
+        elif len(run.metrics) != len(ref.metrics):
+            differing.append(f"{Path(run.path).relative_to(out)} ({len(run.metrics)} of {len(ref.metrics)} iterations)")
+    name = Path(ref.path).relative_to(out)
+    if not differing:
+        return (f"Run-to-run: all {len(runs)} unified_train runs are bitwise identical to {name} "
+                f"(lm loss, grad norm, lr at every iteration).")
+    return f"Run-to-run: {len(differing)} of {len(runs) - 1} unified_train runs differ from {name}: {', '.join(differing)}."
 
 
 if __name__ == "__main__":

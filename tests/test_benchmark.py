@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
+import sys
 
 import pytest
-from ut_helpers import REPO
+from ut_helpers import LOSSES, REPO, write_run_dir
 
 spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
 benchmark = importlib.util.module_from_spec(spec)
@@ -49,3 +51,31 @@ def test_table_reports_medians_ratios_and_failures(tmp_path):
     assert "| unified mlm | 3 | 0.1100 | 0.1000-0.1200 |" in text
     assert "| native mlm | 3 | 0.1000 |" in text and "1 FAILED" in text
     assert (tmp_path / "t.md").read_text().strip() == text
+
+
+def test_a_run_is_timed_from_its_own_lines(tmp_path):
+    """The pretrain line (as unified_train and native_baseline.py print it) and the stack's iteration lines."""
+    lines = ["unified_train: pretrain called 12.34 s after process start (seconds since start: job_started 3.00)"]
+    lines += [f" [t] iteration {i:8d}/      10 | consumed samples: {32 * i} | elapsed time per iteration (ms): "
+              f"{500.0 if i == 1 else 100.0 + i} | learning rate: 3.0E-04 |" for i in range(1, 11)]
+    code = f"print({chr(10).join(lines)!r})"
+    result = benchmark.run([sys.executable, "-c", code], tmp_path / "run.log")
+    assert result["to_pretrain_s"] == 12.34 and result["iterations"] == 10
+    assert result["steady_iter_s"] == statistics.median([100.0 + i for i in range(4, 11)]) / 1000
+    assert 0 < result["first_iteration_s"] <= result["wall_s"]
+    assert (tmp_path / "run.log").read_text().splitlines()[0] == lines[0]
+    failed = benchmark.run([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "failed.log")
+    assert failed["failed"] and failed["to_pretrain_s"] is None
+
+
+def test_run_to_run_names_each_run_that_differs(tmp_path):
+    write_run_dir(tmp_path / "unified_mlm_0", "mlm")
+    write_run_dir(tmp_path / "pair_0" / "1_bridge", "bridge")
+    assert benchmark.run_to_run(tmp_path) == (
+        "Run-to-run: all 2 unified_train runs are bitwise identical to pair_0/1_bridge "
+        "(lm loss, grad norm, lr at every iteration).")
+    write_run_dir(tmp_path / "unified_bridge_0", "bridge", losses=[*LOSSES[:2], LOSSES[2] + 2**-20, *LOSSES[3:]])
+    write_run_dir(tmp_path / "unified_bridge_1", "bridge", losses=LOSSES[:3])  # stopped early
+    assert benchmark.run_to_run(tmp_path) == (
+        "Run-to-run: 2 of 3 unified_train runs differ from pair_0/1_bridge: unified_bridge_0 (from iteration 3), "
+        "unified_bridge_1 (3 of 5 iterations).")

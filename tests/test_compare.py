@@ -5,25 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
+from ut_helpers import LOSSES
+from ut_helpers import write_run_dir as _write_run
 
-from unified_train import compare, tracking
-
-LOSSES = [10.375, 10.25, 9.9921875, 9.75, 9.5]
-
-
-def _write_run(directory, backend, pair_id="p123", losses=LOSSES, complete=True):
-    directory.mkdir(parents=True)
-    (directory / "run.json").write_text(json.dumps({"backend": backend, "pair_id": pair_id, "model": "vanilla_gpt",
-                                                    "tp": 1, "pp": 1, "world_size": 1}))
-    sink = tracking.MetricsSink(str(directory), backend=backend, tokens_per_iteration=16384, world_size=1,
-                                write=True)
-    for it, loss in enumerate(losses, start=1):
-        sink.record_train(it, loss=loss, grad_norm=2.0 / it, lr=3e-4 * min(1, it) / it, seconds=0.1)
-        if it == len(losses):
-            sink.record_eval("valid", loss + 0.5)
-    if complete:
-        sink.close(pair_id=pair_id, world_size=1)
-    return directory
+from unified_train import compare
 
 
 def test_equal_runs_are_bitwise_exact(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -224,3 +225,26 @@ def test_a_resume_that_would_not_happen_is_refused(tmp_path):
     (line,) = _error_lines(proc.stderr)
     assert line == (f"unified_train: checkpoint.load={run} holds no checkpoint (no latest_checkpointed_iteration.txt), "
                     f"so neither stack would resume: give checkpoint.load={run}/checkpoints")
+
+
+def test_a_model_too_big_for_the_gpu_is_refused_and_the_gpu_is_asked_once(tmp_path):
+    """This machine has no GPU, so an `nvidia-smi` stand-in on PATH reports one 80 GiB GPU (an H100's 81559 MiB)
+    and counts its calls: the memory check runs for every point of a sweep, nvidia-smi once per command."""
+    bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\necho 81559\n")
+    smi.chmod(0o755)
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = run_cli(["-m", "model=vanilla_gpt,llama3_8b", "backend=mlm,bridge"], work, timeout=120,
+                   env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "CUDA_VISIBLE_DEVICES": "0"})
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("unified_train:")]
+    assert len(lines) == 2, lines
+    assert all("model.name=llama3_8b: weights + optimizer state need ~" in line and "the GPU has 80 GiB" in line
+               for line in lines), lines
+    assert {line.split("] ")[0] for line in lines} == {
+        "unified_train: [model=llama3_8b backend=mlm", "unified_train: [model=llama3_8b backend=bridge"}
+    assert calls.read_text().splitlines() == ["--query-gpu=memory.total --format=csv,noheader,nounits"]
+    assert list(work.iterdir()) == []

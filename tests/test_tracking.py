@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import time
 
 from unified_train import tracking
 
@@ -80,3 +83,22 @@ def test_eval_before_any_iteration_is_a_final_value(tmp_path):
     sink.record_eval("valid", 5.0)  # nothing pending: kept in the summary rather than lost
     summary = sink.close()
     assert summary["valid_loss"] == 5.0 and summary["iterations"] == 0
+
+
+def test_startup_phases_are_timed_from_the_process_start(tmp_path):
+    sink = _sink(tmp_path)
+    sink.mark("job_started", at=1.5)
+    sink.mark("pretrain_called")
+    sink.record_train(1, loss=10.0, grad_norm=1.0, lr=3e-4, seconds=0.5)
+    sink.record_train(2, loss=9.0, grad_norm=1.0, lr=3e-4, seconds=0.5)
+    sink.close()
+    phases = json.loads((tmp_path / "summary.json").read_text())["startup_s"]
+    assert list(phases) == ["job_started", "pretrain_called", "first_iteration"]
+    assert phases["job_started"] == 1.5 and 0 < phases["pretrain_called"] <= phases["first_iteration"]
+
+    # The clock starts when the process does (as for the benchmark that starts it), not when the module loads.
+    start = time.perf_counter()
+    code = "import time; time.sleep(0.5); from unified_train.tracking import process_seconds; print(process_seconds())"
+    out = subprocess.run([sys.executable, "-c", code],
+                         capture_output=True, text=True, check=True).stdout
+    assert 0.5 <= float(out) <= time.perf_counter() - start + 0.02  # /proc counts in 10 ms ticks

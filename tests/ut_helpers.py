@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,26 @@ from unified_train.ranks import RANK_VARIABLES
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
 PRESETS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
+LOSSES = [10.375, 10.25, 9.9921875, 9.75, 9.5]
+
+
+def write_run_dir(directory, backend, pair_id="p123", losses=LOSSES, complete=True):
+    """A run directory as a finished training job leaves it (run.json, metrics.jsonl, summary.json), written by
+    the real metrics sink."""
+    from unified_train import tracking
+
+    directory.mkdir(parents=True)
+    (directory / "run.json").write_text(json.dumps({"backend": backend, "pair_id": pair_id, "model": "vanilla_gpt",
+                                                    "tp": 1, "pp": 1, "world_size": 1}))
+    sink = tracking.MetricsSink(str(directory), backend=backend, tokens_per_iteration=16384, world_size=1,
+                                write=True)
+    for it, loss in enumerate(losses, start=1):
+        sink.record_train(it, loss=loss, grad_norm=2.0 / it, lr=3e-4 * min(1, it) / it, seconds=0.1)
+        if it == len(losses):
+            sink.record_eval("valid", loss + 0.5)
+    if complete:
+        sink.close(pair_id=pair_id, world_size=1)
+    return directory
 
 
 def compose(overrides=()):
@@ -36,9 +57,11 @@ def run_cli(args, cwd, *, python_flags=(), timeout=300, env=None) -> subprocess.
                           env={**subprocess_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
 
 
-def run_python(code: str, cwd, timeout=300, args=()) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, env=subprocess_env(), capture_output=True,
-                          text=True, timeout=timeout)
+def run_python(code: str, cwd, timeout=300, args=(), env=None) -> subprocess.CompletedProcess:
+    """`python -c CODE` in a fresh interpreter; `env` entries are added, or removed where their value is None."""
+    full_env = {**subprocess_env(), **(env or {})}
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={k: v for k, v in full_env.items() if v is not None})
 
 
 def offline_wandb_run(cfg, run_dir, sweep_id: str, losses=(9.0, 8.0, 7.0), unified=None) -> None:

@@ -25,13 +25,16 @@ BASE_ENV = {
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
     # megatron-core's fused kernels are torch.compile'd. Inductor otherwise picks reduction kernels by timing
-    # them, and dynamo reuses dynamic-shape profiles that earlier processes left on disk; either changes the
-    # rounding from one process to the next. These make compiled numerics a function of the code alone.
+    # them (and caches the pick on disk for later processes), and dynamo reuses dynamic-shape profiles that
+    # earlier processes left on disk; either changes the rounding from one process to the next. These make
+    # compiled numerics a function of the code alone (with _pin_compiler_determinism, which keeps the first
+    # in force for every compile).
     "TORCHINDUCTOR_DETERMINISTIC": "1",
     "TORCH_DYNAMO_AUTOMATIC_DYNAMIC_LOCAL_PGO": "0",
-    # A kernel loaded from inductor's on-disk caches (written by an earlier process) rounded differently from
-    # the same kernel compiled fresh (measured on an H100: iteration-1 loss 10.419971466 vs 10.419970512), so
-    # a run's numerics depended on what ran on the node before. Every process compiles for itself.
+    # Every process compiles for itself, so no graph compiled by an earlier process (under other settings,
+    # perhaps by another tool) is reused. These caches were switched off when an H100 run's numerics followed
+    # what ran on the node before. The timing-based picks above most likely caused that; whether the caches are
+    # safe with the picks pinned is not measured.
     "TORCHINDUCTOR_FX_GRAPH_CACHE": "0",
     "TORCHINDUCTOR_AUTOGRAD_CACHE": "0",
 }
@@ -61,6 +64,9 @@ def job_environment(cfg):
 
 def run(cfg) -> None:
     """Entry from Hydra: dispatch on `mode`."""
+    from unified_train import tracking
+
+    task_started = tracking.process_seconds()
     os.environ.update(process_env(cfg))  # before torch is imported: some settings are read at import
     os.environ["UNIFIED_TRAIN_SWEEP_ID"] = sweep_id()  # for spawned ranks and workers
     ranks.adopt_slurm_ranks()  # before any native config is built: MLM reads RANK/WORLD_SIZE while parsing
@@ -92,7 +98,7 @@ def run(cfg) -> None:
     elif cfg.launch.isolation == "process":
         _run_in_fresh_process(cfg, run_dir)
     else:
-        run_job(cfg, run_dir)
+        run_job(cfg, run_dir, task_started)
 
 
 def _finish(status: int) -> None:
@@ -163,10 +169,12 @@ def write_run_files(cfg, run_dir: str, native, backend) -> None:
     backend.write_native(native, os.path.join(run_dir, "native"))
 
 
-def run_job(cfg, run_dir: str) -> dict:
-    """One training job in this process: env, process group, translate, train, teardown."""
+def run_job(cfg, run_dir: str, task_started: float | None = None) -> dict:
+    """One training job in this process: env, process group, translate, train, teardown. `task_started`: when
+    Hydra handed this job over (for the start-up phases in summary.json)."""
     from unified_train import backends, tracking
 
+    job_started = tracking.process_seconds()
     os.environ.update(process_env(cfg))
     _pin_compiler_determinism()
     world = plan.world_size(cfg)
@@ -182,10 +190,19 @@ def run_job(cfg, run_dir: str) -> dict:
     sink = tracking.MetricsSink(run_dir, backend=cfg.backend.name, world_size=world, write=rank == world - 1,
                                 tokens_per_iteration=cfg.train.global_batch_size * cfg.train.seq_length,
                                 unified_config=OmegaConf.to_container(cfg, resolve=True))
+    if task_started is not None:
+        sink.mark("hydra_task_started", at=task_started)
+    sink.mark("job_started", at=job_started)
     backend = backends.get(cfg.backend.name)
     native = backend.native_config(cfg, run_dir, world_size=world)
+    sink.mark("native_config_built")  # includes importing the stack
     if rank == 0:
         write_run_files(cfg, run_dir, native, backend)
+    sink.mark("pretrain_called")
+    if rank == 0:  # on the benchmark's clock; scripts/native_baseline.py prints the same first words
+        phases = ", ".join(f"{k} {_fmt(v)}" for k, v in sink.startup.items() if k != "pretrain_called")
+        print(f"unified_train: pretrain called {_fmt(sink.startup['pretrain_called'])} s after process start "
+              f"(seconds since start: {phases})", flush=True)
     try:
         backend.train(native, sink)
     finally:
@@ -194,10 +211,14 @@ def run_job(cfg, run_dir: str) -> dict:
     return sink.close(pair_id=plan.pair_id(cfg))
 
 
+def _fmt(seconds: float | None) -> str:
+    return "?" if seconds is None else f"{seconds:.2f}"
+
+
 def _pin_compiler_determinism() -> None:
     """The compiler settings of BASE_ENV, for when torch's compiler configs were imported before the environment
-    was set."""
-    import torch._dynamo.config
+    was set, and kept in force for every compile of the process."""
+    import torch._dynamo
     import torch._functorch.config
     import torch._inductor.config
 
@@ -205,6 +226,20 @@ def _pin_compiler_determinism() -> None:
     torch._inductor.config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False
     torch._dynamo.config.automatic_dynamic_local_pgo = False
+    # torch 2.11's dynamo ends every frame it compiles with torch.use_deterministic_algorithms(<eager flag>), and
+    # that call also sets inductor's `deterministic` (to False, as eager determinism is off). Every later compile,
+    # and every backward (compiled lazily, at the first backward call), would then choose its reduction kernels
+    # by timing them, and cache the winner on disk for later processes: the iteration-1 numerics depended on
+    # the node's timing noise and on what ran there before. So the setting is restored as each compile starts.
+    handler = torch._dynamo.callback_handler
+    if _keep_inductor_deterministic not in handler.start_callbacks:
+        handler.register_start_callback(_keep_inductor_deterministic)
+
+
+def _keep_inductor_deterministic(_args=None) -> None:
+    import torch._inductor.config
+
+    torch._inductor.config.deterministic = True
 
 
 def as_fresh_interpreter() -> None:

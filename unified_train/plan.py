@@ -6,6 +6,7 @@ so bad input is reported in well under a second, before any process-group or GPU
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -251,15 +252,34 @@ def memory_gib_per_gpu(cfg) -> float:
     return params * (weight_bytes + 4 + state / dp) / 2**30
 
 
-def gpu_memory_gib() -> float | None:
-    """Memory of the first visible GPU from nvidia-smi (no torch), or None without one."""
+@functools.cache
+def query_gpu_memory():
+    """Start nvidia-smi for the first visible GPU's memory, once per process and in the background: bringing the
+    driver up can take it seconds, which then overlap with composing the jobs. None without a GPU."""
     import subprocess
 
+    if not visible_gpus():
+        return None
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=10)
-        return float(out.stdout.split()[0]) / 1024 if out.returncode == 0 and out.stdout.strip() else None
-    except (OSError, ValueError, subprocess.SubprocessError):
+        return subprocess.Popen(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    except OSError:
+        return None
+
+
+@functools.cache
+def gpu_memory_gib() -> float | None:
+    """Memory of the first visible GPU in GiB, from nvidia-smi (no torch), or None when it cannot be read."""
+    import subprocess
+
+    proc = query_gpu_memory()
+    if proc is None:
+        return None
+    try:
+        out, _ = proc.communicate(timeout=10)
+        return float(out.split()[0]) / 1024 if proc.returncode == 0 and out.strip() else None
+    except (ValueError, subprocess.TimeoutExpired):
+        proc.kill()
         return None
 
 

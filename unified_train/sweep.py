@@ -10,7 +10,7 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -88,6 +88,7 @@ def validate(argv: list[str]) -> tuple[list[Point], list[str]]:
 
     from unified_train import plan, slurm
 
+    plan.query_gpu_memory()  # nvidia-smi answers while the jobs are composed (the memory check needs it)
     args = get_args_parser().parse_args(argv)
     config_name = args.config_name or "config"
     config_dir = str(Path(args.config_dir).resolve()) if args.config_dir else None
@@ -103,11 +104,13 @@ def validate(argv: list[str]) -> tuple[list[Point], list[str]]:
             if slurm.is_slurm(launcher) and hcfg.parallel.gpus_per_node is None:  # its task count derives from it
                 return [], [slurm.NEEDS_GPUS_PER_NODE]
             launcher = OmegaConf.to_container(hcfg.hydra.launcher, resolve=True)
+        else:
+            hcfg = _compose(config_dir, config_name, base, with_hydra=True)
         combos = _sweep_choices(base, sweeper_params) if args.multirun else [base]
-        taken = _output_dir_problems(hcfg if args.multirun else _compose(config_dir, config_name, base, with_hydra=True),
-                                   args.multirun)
+        taken = _output_dir_problems(hcfg, args.multirun)
     except Exception as exc:  # noqa: BLE001 -- any composition problem is a user error here
         return [], [_one_line(exc)]
+    single = None if args.multirun else _without_hydra(hcfg)  # a single run's job config: no second compose
 
     # On Slurm the GPUs are the job's, not this (login) host's.
     resources = (lambda cfg: slurm.check(cfg, launcher)) if slurm.is_slurm(launcher) else plan.check_resources
@@ -115,7 +118,7 @@ def validate(argv: list[str]) -> tuple[list[Point], list[str]]:
     for combo in combos:
         point = Point(overrides=combo, launcher=launcher)
         try:
-            point.cfg = _compose(config_dir, config_name, combo)
+            point.cfg = single if single is not None else _compose(config_dir, config_name, combo)
             point.errors = plan.check(point.cfg) or resources(point.cfg)
         except Exception as exc:  # noqa: BLE001
             point.errors = [_one_line(exc)]
@@ -123,6 +126,13 @@ def validate(argv: list[str]) -> tuple[list[Point], list[str]]:
         label = f"[{' '.join(combo)}] " if args.multirun and len(combos) > 1 else ""
         errors += [label + e for e in point.errors]
     return points, errors + taken
+
+
+def _without_hydra(hcfg):
+    """The job's config from a compose that returned the Hydra node too, as Hydra's compose strips it."""
+    with open_dict(hcfg):
+        del hcfg["hydra"]
+    return hcfg
 
 
 def _output_dir_problems(hcfg, multirun: bool) -> list[str]:

@@ -31,7 +31,12 @@ class MetricsSink:
         self.final: dict[str, float] = {}
         self.records: list[dict] = []
         self.unified_config = unified_config or {}
+        self.startup: dict[str, float | None] = {}  # phase -> seconds since this process started
         self._file = open(self.path, "w") if write else None
+
+    def mark(self, phase: str, at: float | None = None) -> None:
+        """Record when a start-up phase ended (now, or `at`), in seconds since this process started."""
+        self.startup[phase] = process_seconds() if at is None else at
 
     def training_started(self) -> None:
         """Called by the backend once the stack is set up (its W&B run, if any, exists on the last rank)."""
@@ -44,6 +49,7 @@ class MetricsSink:
         self._flush()
         if self.first_iteration_done is None:
             self.first_iteration_done = time.perf_counter()
+            self.mark("first_iteration")
         record = {"iteration": int(iteration), "lm loss": _num(loss), "grad_norm": _num(grad_norm),
                   "lr": _num(lr), "iter_time_s": seconds,
                   "tokens_per_s": self.tokens_per_iteration / seconds if seconds > 0 else None}
@@ -77,10 +83,25 @@ class MetricsSink:
                **summary}
         if self.first_iteration_done is not None:
             out["time_to_first_iteration_s"] = self.first_iteration_done - self.started
+        if self.startup:
+            out["startup_s"] = dict(self.startup)
         if self.write:
             with open(self.summary_path, "w") as f:
                 json.dump(out, f, indent=2)
         return out
+
+
+def process_seconds() -> float | None:
+    """Seconds since this process started, from Linux's /proc (None elsewhere). Start-up phases are timed from
+    there, so they include the interpreter's and Hydra's start, as a benchmark that starts the process sees."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def _num(value):

@@ -2,11 +2,11 @@
 
     python -m pytest tests/gpu -m gpu -s
 
-Run them one at a time (no pytest-xdist): with four of these runs compiling and training side by side on one
-H200, the 100-iteration pair's MLM half came out 1 fp32 ulp (9.5e-7) off at iteration 1; run alone it is
-bitwise. A rare first-iteration difference also shows up in serial runs: the cyclic pair, bitwise in one
-session, had Bridge's iteration-1 grad norm 5e-6 (relative) off in the next (cause not isolated). Each test
-starts `python -m unified_train` as a user would and judges only the files the runs wrote.
+Each test starts `python -m unified_train` as a user would and judges only the files the runs wrote. Before
+launch._pin_compiler_determinism kept inductor's deterministic mode for every compile, inductor chose most
+reduction kernels by timing them: pairs were bitwise in most runs, but now and then one half's iteration-1 loss
+or grad norm came out an ulp-sized step off (more often with several runs sharing the GPU), and a choice cached on
+disk by an earlier process carried over to later ones.
 """
 
 from __future__ import annotations
@@ -23,8 +23,17 @@ pytestmark = pytest.mark.gpu
 
 REPO = Path(__file__).resolve().parents[2]
 # Per-iteration train losses of the hand-aligned upstream pair on an H100 (shared/megatron-notes.md), as printed
-# to 7 significant digits by the stacks' logs.
+# to 7 significant digits by the stacks' logs. Upstream's scripts leave inductor choosing reduction kernels by
+# timing; ours choose them deterministically, so from iteration 6 the trajectories differ in the 7th digit
+# (at most 1.6e-6 relative, measured on an H200).
 UPSTREAM_LOSSES = [10.41997, 10.41821, 10.27486, 10.16401, 10.05250, 10.01020, 9.882606, 9.795137, 9.789290, 9.756370]
+UPSTREAM_RTOL = 1e-5
+# The default pair's losses, bit for bit, per GPU model (inductor's deterministic choice depends on the device).
+# H200: torch 2.11.0+cu130, megatron-core 0.19.2, megatron-bridge 0.6.2; both backends, in one process and apart.
+GOLDEN_LOSSES = {
+    "NVIDIA H200": [10.419971466064453, 10.418210983276367, 10.274856567382812, 10.16401195526123, 10.052499771118164,
+                    10.01019287109375, 9.882621765136719, 9.795151710510254, 9.78929615020752, 9.756372451782227],
+}
 QUIET = ["logger=none", "checkpoint=none"]
 
 
@@ -94,10 +103,19 @@ def default_pair(default_sweep) -> dict[str, list[dict]]:
     return {b: _metrics(d) for b, d in _job_dirs(default_sweep).items()}
 
 
+def _assert_default_trajectory(metrics: list[dict]) -> None:
+    """Upstream's losses to within UPSTREAM_RTOL, and this GPU model's golden losses bit for bit."""
+    import torch
+
+    losses = _series(metrics, "lm loss")
+    assert losses == pytest.approx(UPSTREAM_LOSSES, rel=UPSTREAM_RTOL), losses
+    golden = GOLDEN_LOSSES.get(torch.cuda.get_device_name())
+    assert golden is None or losses == golden, f"{losses} vs the {torch.cuda.get_device_name()} golden {golden}"
+
+
 def test_default_pair_is_bitwise_and_matches_upstream(default_pair):
     _assert_bitwise(default_pair["mlm"], default_pair["bridge"])
-    losses = _series(default_pair["mlm"], "lm loss")
-    assert [float(f"{x:.7g}") for x in losses] == pytest.approx(UPSTREAM_LOSSES, rel=0, abs=0), losses
+    _assert_default_trajectory(default_pair["mlm"])
 
 
 def test_inprocess_pair_equals_separate_processes(default_pair, tmp_path):
@@ -157,7 +175,7 @@ def isolated_pair(tmp_path_factory) -> dict[str, list[dict]]:
 
 def test_process_isolation_is_bitwise_and_matches_upstream(isolated_pair):
     _assert_bitwise(isolated_pair["mlm"], isolated_pair["bridge"])
-    assert [float(f"{x:.7g}") for x in _series(isolated_pair["mlm"], "lm loss")] == UPSTREAM_LOSSES
+    _assert_default_trajectory(isolated_pair["mlm"])
 
 
 def test_under_torchrun_equals_the_pair(isolated_pair, tmp_path):
