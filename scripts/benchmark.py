@@ -199,11 +199,10 @@ def run_to_run(out: Path) -> str:
     runs = [r for r in compare.load_runs([str(out)]) if r.metrics]
     if len(runs) < 2:
         return "Run-to-run: fewer than two unified_train runs finished, nothing to compare."
-    ref, keys = runs[0], ("lm loss", "grad_norm", "lr")
-    differing = []
+    ref, differing = runs[0], []
     for run in runs[1:]:
         first = next((a["iteration"] for a, b in zip(ref.metrics, run.metrics)
-                      if any(a.get(k) != b.get(k) for k in keys)), None)
+                      if any(a.get(k) != b.get(k) for k in compare.EXACT_KEYS)), None)
         if first is not None:
             differing.append(f"{Path(run.path).relative_to(out)} (from iteration {first})")
         elif len(run.metrics) != len(ref.metrics):

@@ -82,9 +82,9 @@ def _mlm(cfg, run_dir: str) -> None:
 
 def _pretrain_called() -> None:
     """The line scripts/benchmark.py reads for the start-up split, as unified_train prints it."""
-    from unified_train.tracking import process_seconds
+    from unified_train.tracking import pretrain_called_line
 
-    print(f"native_baseline: pretrain called {process_seconds():.2f} s after process start", flush=True)
+    print(pretrain_called_line("native_baseline"), flush=True)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ import sys
 import pytest
 from ut_helpers import LOSSES, REPO, write_run_dir
 
+from unified_train import tracking
+
 spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
 benchmark = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(benchmark)
@@ -55,7 +57,7 @@ def test_table_reports_medians_ratios_and_failures(tmp_path):
 
 def test_a_run_is_timed_from_its_own_lines(tmp_path):
     """The pretrain line (as unified_train and native_baseline.py print it) and the stack's iteration lines."""
-    lines = ["unified_train: pretrain called 12.34 s after process start (seconds since start: job_started 3.00)"]
+    lines = [tracking.pretrain_called_line("unified_train", {"job_started": 3.0, "pretrain_called": 12.34})]
     lines += [f" [t] iteration {i:8d}/      10 | consumed samples: {32 * i} | elapsed time per iteration (ms): "
               f"{500.0 if i == 1 else 100.0 + i} | learning rate: 3.0E-04 |" for i in range(1, 11)]
     code = f"print({chr(10).join(lines)!r})"

@@ -90,9 +90,12 @@ def series(run: Run, key: str = "lm loss") -> dict[int, float]:
 # --- gates ------------------------------------------------------------------------------------------------------
 
 
+# What "bitwise" covers: every iteration's values of these metrics.
+EXACT_KEYS = ("lm loss", "grad_norm", "lr")
+
+
 def exact(a: Run, b: Run) -> tuple[bool, str]:
-    keys = ("lm loss", "grad_norm", "lr")
-    differing = [k for k in keys if series(a, k) != series(b, k)]
+    differing = [k for k in EXACT_KEYS if series(a, k) != series(b, k)]
     if not series(a):
         return False, "no losses"
     return not differing, "bitwise equal" if not differing else f"differs in {', '.join(differing)}"

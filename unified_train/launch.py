@@ -199,20 +199,14 @@ def run_job(cfg, run_dir: str, task_started: float | None = None) -> dict:
     if rank == 0:
         write_run_files(cfg, run_dir, native, backend)
     sink.mark("pretrain_called")
-    if rank == 0:  # on the benchmark's clock; scripts/native_baseline.py prints the same first words
-        phases = ", ".join(f"{k} {_fmt(v)}" for k, v in sink.startup.items() if k != "pretrain_called")
-        print(f"unified_train: pretrain called {_fmt(sink.startup['pretrain_called'])} s after process start "
-              f"(seconds since start: {phases})", flush=True)
+    if rank == 0:
+        print(tracking.pretrain_called_line("unified_train", sink.startup), flush=True)
     try:
         backend.train(native, sink)
     finally:
         backend.teardown()
         tracking.end_wandb_run()
     return sink.close(pair_id=plan.pair_id(cfg))
-
-
-def _fmt(seconds: float | None) -> str:
-    return "?" if seconds is None else f"{seconds:.2f}"
 
 
 def _pin_compiler_determinism() -> None:
@@ -222,7 +216,7 @@ def _pin_compiler_determinism() -> None:
     import torch._functorch.config
     import torch._inductor.config
 
-    torch._inductor.config.deterministic = True
+    _keep_inductor_deterministic()
     torch._inductor.config.fx_graph_cache = False
     torch._functorch.config.enable_autograd_cache = False
     torch._dynamo.config.automatic_dynamic_local_pgo = False

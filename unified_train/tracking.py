@@ -104,6 +104,21 @@ def process_seconds() -> float | None:
     return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
 
 
+def pretrain_called_line(program: str, phases: dict[str, float | None] | None = None) -> str:
+    """The line scripts/benchmark.py splits the time to the first iteration at, printed as the stack's `pretrain`
+    is called (by unified_train, with its earlier start-up phases, and by scripts/native_baseline.py)."""
+    earlier = dict(phases or {})
+    called = earlier.pop("pretrain_called", None)
+    line = f"{program}: pretrain called {_seconds(process_seconds() if called is None else called)} s after process start"
+    if earlier:
+        line += f" (seconds since start: {', '.join(f'{k} {_seconds(v)}' for k, v in earlier.items())})"
+    return line
+
+
+def _seconds(value: float | None) -> str:
+    return "?" if value is None else f"{value:.2f}"
+
+
 def _num(value):
     if value is None:
         return None
