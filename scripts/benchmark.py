@@ -50,7 +50,8 @@ def measure_bf16_peak(n: int = 8192, reps: int = 50) -> float:
 
 
 def run(cmd: list[str], log: Path) -> dict:
-    """Run one variant; timestamp its output lines."""
+    """Run one variant. Each line of its log starts with the seconds since the variant was started (`[  12.345] `),
+    so the phases of two variants can be compared on one clock, lines the stacks print without a time too."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.pop("TORCHDYNAMO_DISABLE", None)
     start = time.perf_counter()
@@ -59,7 +60,7 @@ def run(cmd: list[str], log: Path) -> dict:
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
-            f.write(line)
+            f.write(f"[{time.perf_counter() - start:8.3f}] {line}")
             called = PRETRAIN_LINE.search(line)
             if called and to_pretrain is None:
                 to_pretrain = float(called.group(1))

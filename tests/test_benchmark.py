@@ -65,7 +65,10 @@ def test_a_run_is_timed_from_its_own_lines(tmp_path):
     assert result["to_pretrain_s"] == 12.34 and result["iterations"] == 10
     assert result["steady_iter_s"] == statistics.median([100.0 + i for i in range(4, 11)]) / 1000
     assert 0 < result["first_iteration_s"] <= result["wall_s"]
-    assert (tmp_path / "run.log").read_text().splitlines()[0] == lines[0]
+    logged = (tmp_path / "run.log").read_text().splitlines()
+    assert [line.split("] ", 1)[1] for line in logged] == lines  # every line kept, each after its time
+    stamps = [float(line[1:].split("]", 1)[0]) for line in logged]
+    assert 0 < stamps[0] <= stamps[-1] <= result["wall_s"] and stamps == sorted(stamps)
     failed = benchmark.run([sys.executable, "-c", "raise SystemExit(3)"], tmp_path / "failed.log")
     assert failed["failed"] and failed["to_pretrain_s"] is None
 
