@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from unified_train import compare
+
 pytestmark = pytest.mark.gpu
 
 REPO = Path(__file__).resolve().parents[2]
@@ -66,7 +68,7 @@ def _series(metrics, key):
 
 def _assert_bitwise(a: list[dict], b: list[dict]) -> None:
     assert len(a) == len(b) > 0
-    for key in ("lm loss", "grad_norm", "lr"):
+    for key in compare.EXACT_KEYS:
         assert _series(a, key) == _series(b, key), f"{key} differs: {_series(a, key)} vs {_series(b, key)}"
 
 
