@@ -24,15 +24,18 @@ def test_repeats_alternate_their_order():
     assert benchmark.schedule(["a", "b"], 1) == [(0, "a"), (0, "b")]
 
 
-def _run(steady, first=10.0, wall=60.0, failed=False):
+def _run(steady, first=10.0, wall=60.0, failed=False, iteration_1=4.0):
     if failed:
-        return {"failed": True, "wall_s": 5.0, "first_iteration_s": None, "steady_iter_s": None, "iterations": 0}
-    return {"steady_iter_s": steady, "first_iteration_s": first, "wall_s": wall, "iterations": 20}
+        return {"failed": True, "wall_s": 5.0, "first_iteration_s": None, "iteration_1_s": None, "steady_iter_s": None,
+                "iterations": 0}
+    return {"steady_iter_s": steady, "first_iteration_s": first, "iteration_1_s": iteration_1, "wall_s": wall,
+            "iterations": 20}
 
 
 def test_table_reports_medians_ratios_and_failures(tmp_path):
     runs = {
-        "unified mlm": [_run(0.12, first=12.0, wall=70.0), _run(0.10, first=11.0, wall=66.0), _run(0.11, wall=64.0)],
+        "unified mlm": [_run(0.12, first=12.0, wall=70.0, iteration_1=5.5), _run(0.10, first=11.0, wall=66.0),
+                        _run(0.11, wall=64.0, iteration_1=5.0)],
         "native mlm": [_run(0.10, first=10.0), _run(0.10, first=10.0), _run(0.0, failed=True)],
         "unified bridge": [_run(0.09, wall=60.0)],
         "native bridge": [_run(0.09)],
@@ -44,7 +47,7 @@ def test_table_reports_medians_ratios_and_failures(tmp_path):
     results = json.loads((tmp_path / "t.json").read_text())["results"]
     mlm = results["unified mlm"]
     assert mlm["steady_iter_s"] == pytest.approx(0.11) and mlm["steady_spread"] == [0.10, 0.12]
-    assert mlm["first_iteration_s"] == 11.0 and mlm["wall_s"] == 66.0
+    assert mlm["first_iteration_s"] == 11.0 and mlm["wall_s"] == 66.0 and mlm["iteration_1_s"] == 5.0
     assert mlm["throughput_vs_native"] == pytest.approx(0.10 / 0.11)  # the failed native run is left out
     assert mlm["first_iteration_vs_native"] == pytest.approx(1.1)
     assert mlm["tflops_per_gpu"] == pytest.approx(2e12 / 0.11 / 1e12) and mlm["mfu"] == pytest.approx(mlm["tflops_per_gpu"] / 800)
@@ -52,6 +55,7 @@ def test_table_reports_medians_ratios_and_failures(tmp_path):
     assert results["pair in one process"]["wall_vs_two_processes"] == pytest.approx(100.0 / (66.0 + 60.0))
     assert "| unified mlm | 3 | 0.1100 | 0.1000-0.1200 |" in text
     assert "| native mlm | 3 | 0.1000 |" in text and "1 FAILED" in text
+    assert "| 11.0 | 5.00 | 66.0 | throughput" in text  # first iteration, iteration 1, wall
     assert (tmp_path / "t.md").read_text().strip() == text
 
 
@@ -62,7 +66,7 @@ def test_a_run_is_timed_from_its_own_lines(tmp_path):
               f"{500.0 if i == 1 else 100.0 + i} | learning rate: 3.0E-04 |" for i in range(1, 11)]
     code = f"print({chr(10).join(lines)!r})"
     result = benchmark.run([sys.executable, "-c", code], tmp_path / "run.log")
-    assert result["to_pretrain_s"] == 12.34 and result["iterations"] == 10
+    assert result["to_pretrain_s"] == 12.34 and result["iterations"] == 10 and result["iteration_1_s"] == 0.5
     assert result["steady_iter_s"] == statistics.median([100.0 + i for i in range(4, 11)]) / 1000
     assert 0 < result["first_iteration_s"] <= result["wall_s"]
     logged = (tmp_path / "run.log").read_text().splitlines()
