@@ -29,6 +29,8 @@ ITER_LINE = re.compile(r"iteration\s+(\d+)/\s*(\d+) \|.*?elapsed time per iterat
 # Printed by unified_train and by native_baseline.py: splits the time to the first iteration at the stack's entry.
 PRETRAIN_LINE = re.compile(r"pretrain called ([\d.]+) s after process start")
 QUIET = ["logger=none", "checkpoint=none", "validation.eval_iters=0"]
+# A run's timings (seconds), besides its wall time: all None for a run that failed, medians in the table.
+TIMINGS = ("steady_iter_s", "first_iteration_s", "to_pretrain_s", "iteration_1_s")
 
 
 def measure_bf16_peak(n: int = 8192, reps: int = 50) -> float:
@@ -74,8 +76,8 @@ def run(cmd: list[str], log: Path) -> dict:
         proc.wait()
     if proc.returncode != 0:
         print(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}", file=sys.stderr)
-        return {"failed": True, "wall_s": time.perf_counter() - start, "first_iteration_s": None,
-                "to_pretrain_s": None, "iteration_1_s": None, "steady_iter_s": None, "iterations": len(times)}
+        return {"failed": True, "wall_s": time.perf_counter() - start, "iterations": len(times),
+                **dict.fromkeys(TIMINGS)}
     # Skip warm-up: iteration 1 compiles, and MLM prints iteration 2 as the mean of iterations 1 and 2.
     steady = [t for it, t in sorted(times.items()) if it >= max(4, len(times) // 3)]
     return {"wall_s": time.perf_counter() - start, "first_iteration_s": first_iteration, "to_pretrain_s": to_pretrain,
@@ -150,8 +152,7 @@ def write_table(label: str, out: Path, peak: float, runs: dict[str, list[dict]],
             continue
         steady = [m["steady_iter_s"] for m in measured if not m.get("failed") and m["steady_iter_s"]]
         r = results[name] = {key: _median(measured, key)
-                             for key in ("steady_iter_s", "first_iteration_s", "to_pretrain_s", "iteration_1_s",
-                                         "wall_s")}
+                             for key in (*TIMINGS, "wall_s")}
         r.update(runs=len(measured), failed=sum(bool(m.get("failed")) for m in measured),
                  steady_spread=(min(steady), max(steady)) if steady else None,
                  tokens_per_s=None, tflops_per_gpu=None, mfu=None)
