@@ -1,0 +1,54 @@
+"""scripts/gc_trace.py: the collections of a real child process, with and without its heap freeze."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from ut_helpers import REPO
+
+# Builds a long-lived heap, freezes it (as launch.run_job does before training), then forces a full collection.
+PROGRAM = """
+import gc, sys
+keep = [[i] for i in range(200_000)]
+before = gc.get_freeze_count()  # the interpreter freezes a few hundred objects of its own at start
+gc.freeze()
+gc.collect()
+print(gc.get_freeze_count() - before)
+sys.exit(int(sys.argv[1]))
+"""
+
+
+def _trace(tmp_path, *flags, status=0):
+    program = tmp_path / "program.py"
+    program.write_text(PROGRAM)
+    out = tmp_path / f"gc{'-'.join(flags)}.json"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gc_trace.py"), str(out), *flags, str(program),
+                           str(status)], capture_output=True, text=True, timeout=120)
+    return proc, json.loads(out.read_text())
+
+
+def test_records_every_collection_with_its_start_and_duration(tmp_path):
+    proc, trace = _trace(tmp_path)
+    assert proc.returncode == 0 and int(proc.stdout) >= 200_000
+    full = [c for c in trace["collections"] if c[0] == 2]
+    assert full, "the program's gc.collect() is a full collection"
+    _, start, seconds, _ = full[-1]
+    assert 0 < start <= trace["exit_s"] and seconds >= 0
+
+
+def test_no_freeze_disables_the_programs_freeze_and_keeps_its_exit_status(tmp_path):
+    proc, trace = _trace(tmp_path, "--no-freeze", status=3)
+    assert proc.returncode == 3 and int(proc.stdout) == 0
+    _, frozen = _trace(tmp_path)
+    assert trace["frozen_at_exit"] < frozen["frozen_at_exit"]
+    assert any(c[0] == 2 for c in trace["collections"])
+
+
+def test_runs_a_module_as_python_dash_m_does(tmp_path):
+    out = tmp_path / "gc.json"
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gc_trace.py"), str(out), "-m", "json.tool"],
+                          input='{"a": [1, 2]}', capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and json.loads(proc.stdout) == {"a": [1, 2]}
+    assert json.loads(out.read_text())["exit_s"] > 0
