@@ -25,7 +25,7 @@ def _trace(tmp_path, *flags, status=0):
     program.write_text(PROGRAM)
     out = tmp_path / f"gc{'-'.join(flags)}.json"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gc_trace.py"), str(out), *flags, str(program),
-                           str(status)], capture_output=True, text=True, timeout=120)
+                           str(status)], check=False, capture_output=True, text=True, timeout=120)
     return proc, json.loads(out.read_text())
 
 
@@ -49,6 +49,6 @@ def test_no_freeze_disables_the_programs_freeze_and_keeps_its_exit_status(tmp_pa
 def test_runs_a_module_as_python_dash_m_does(tmp_path):
     out = tmp_path / "gc.json"
     proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gc_trace.py"), str(out), "-m", "json.tool"],
-                          input='{"a": [1, 2]}', capture_output=True, text=True, timeout=120)
+                          input='{"a": [1, 2]}', check=False, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and json.loads(proc.stdout) == {"a": [1, 2]}
     assert json.loads(out.read_text())["exit_s"] > 0

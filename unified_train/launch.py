@@ -12,7 +12,6 @@ import gc
 import json
 import os
 import sys
-
 from unittest import mock
 
 from omegaconf import OmegaConf
