@@ -26,8 +26,7 @@ def test_repeats_alternate_their_order():
 
 def _run(steady, first=10.0, wall=60.0, failed=False, iteration_1=4.0):
     if failed:
-        return {"failed": True, "wall_s": 5.0, "first_iteration_s": None, "iteration_1_s": None, "steady_iter_s": None,
-                "iterations": 0}
+        return {"failed": True, "wall_s": 5.0, "iterations": 0, **dict.fromkeys(benchmark.TIMINGS)}
     return {"steady_iter_s": steady, "first_iteration_s": first, "iteration_1_s": iteration_1, "wall_s": wall,
             "iterations": 20}
 

@@ -20,13 +20,17 @@ sys.exit(int(sys.argv[1]))
 """
 
 
+def _gc_trace(out, *argv, stdin=None):
+    """scripts/gc_trace.py OUT argv...: the finished child process and the trace it wrote."""
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gc_trace.py"), str(out), *argv], input=stdin,
+                          check=False, capture_output=True, text=True, timeout=120)
+    return proc, json.loads(out.read_text())
+
+
 def _trace(tmp_path, *flags, status=0):
     program = tmp_path / "program.py"
     program.write_text(PROGRAM)
-    out = tmp_path / f"gc{'-'.join(flags)}.json"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gc_trace.py"), str(out), *flags, str(program),
-                           str(status)], check=False, capture_output=True, text=True, timeout=120)
-    return proc, json.loads(out.read_text())
+    return _gc_trace(tmp_path / f"gc{'-'.join(flags)}.json", *flags, str(program), str(status))
 
 
 def test_records_every_collection_with_its_start_and_duration(tmp_path):
@@ -47,8 +51,6 @@ def test_no_freeze_disables_the_programs_freeze_and_keeps_its_exit_status(tmp_pa
 
 
 def test_runs_a_module_as_python_dash_m_does(tmp_path):
-    out = tmp_path / "gc.json"
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gc_trace.py"), str(out), "-m", "json.tool"],
-                          input='{"a": [1, 2]}', check=False, capture_output=True, text=True, timeout=120)
+    proc, trace = _gc_trace(tmp_path / "gc.json", "-m", "json.tool", stdin='{"a": [1, 2]}')
     assert proc.returncode == 0 and json.loads(proc.stdout) == {"a": [1, 2]}
-    assert json.loads(out.read_text())["exit_s"] > 0
+    assert trace["exit_s"] > 0
