@@ -2,10 +2,14 @@
 
     python scripts/benchmark.py --label vanilla_gpt --repeats 3 -- model=vanilla_gpt train.iters=30
     python scripts/benchmark.py --label llama32_1b -- model=llama32_1b train.seq_length=2048 train.iters=12
+    python scripts/benchmark.py --label llama_8k --backends mlm --attention flex,sdpa --skip-pair --no-warmup -- \
+        model=llama32_1b train.seq_length=8192 train.micro_batch_size=1 train.global_batch_size=8 train.iters=6
 
 Runs, each in its own process and measured with one instrument (the stacks' own per-iteration time lines,
 which every variant prints): (a) unified_train backend=mlm, (b) backend=bridge, (c) native MLM and native Bridge
-(scripts/native_baseline.py), and (d) the in-process pair `-m backend=mlm,bridge` against (a)+(b).
+(scripts/native_baseline.py: the stacks' own attention), and (d) the in-process pair `-m backend=mlm,bridge`
+against (a)+(b). With `--attention flex,sdpa` the unified runs are made once per core attention
+(`kernels.attention`), each compared with the native run of its backend.
 Reports steady-state tokens/s, TFLOP/s per GPU, MFU against the bf16 matmul peak measured here, time to the
 first iteration (process start to the iteration-1 line), iteration 1 itself (the stack's own time for it: the
 fused kernels are compiled there) and whole wall time; ratios are taken within this run.
@@ -91,6 +95,8 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="directory for logs and the JSON/markdown results")
     parser.add_argument("--backends", default="mlm,bridge", help="comma-separated: which backends to measure")
     parser.add_argument("--skip-pair", action="store_true", help="do not time the in-process pair")
+    parser.add_argument("--attention", default=None,
+                        help="comma-separated kernels.attention choices: one unified run of each backend per choice")
     parser.add_argument("--repeats", type=int, default=1,
                         help="run every variant this many times, in alternating order (ABC CBA ...), and report "
                              "medians: a drifting host (clocks, another tenant) then biases no variant")
@@ -113,10 +119,14 @@ def main() -> None:
 
     # Each variant's command for repeat r (a unified run needs a directory of its own every time).
     variants: dict[str, object] = {}
+    choices = args.attention.split(",") if args.attention else [None]
     for backend in backends:
-        variants[f"unified {backend}"] = lambda r, b=backend: [
-            py, "-m", "unified_train", f"backend={b}", f"hydra.run.dir={out / f'unified_{b}_{r}'}", *ov]
         variants[f"native {backend}"] = lambda r, b=backend: [py, "scripts/native_baseline.py", b, *ov]
+        for choice in choices:
+            name = unified_name(backend, choice)
+            kernel = [f"kernels.attention={choice}"] if choice else []
+            variants[name] = lambda r, b=backend, n=name, k=kernel: [
+                py, "-m", "unified_train", f"backend={b}", f"hydra.run.dir={out / n.replace(' ', '_')}_{r}", *ov, *k]
     if not args.skip_pair and len(backends) == 2:
         variants["pair in one process"] = lambda r: [
             py, "-m", "unified_train", "-m", f"backend={','.join(backends)}", f"hydra.sweep.dir={out / f'pair_{r}'}", *ov]
@@ -125,12 +135,15 @@ def main() -> None:
     summaries: dict[str, dict] = {}
     for r, name in schedule(list(variants), args.repeats):
         runs[name].append(run(variants[name](r), out / f"{name.replace(' ', '_')}_{r}.log"))
-        backend = name.split()[-1]
-        summary = out / f"unified_{backend}_{r}" / "summary.json"
+        summary = out / f"{name.replace(' ', '_')}_{r}" / "summary.json"
         if name.startswith("unified") and summary.exists():  # token and FLOP counts per iteration
-            summaries.setdefault(backend, json.loads(summary.read_text()))
+            summaries.setdefault(name.split()[1], json.loads(summary.read_text()))
         write_table(args.label, out, peak, runs, summaries)  # after every run: survives a cut-off session
     print(write_table(args.label, out, peak, runs, summaries))
+
+
+def unified_name(backend: str, attention: str | None) -> str:
+    return f"unified {backend}" + (f" {attention}" if attention else "")
 
 
 def schedule(names: list[str], repeats: int) -> list[tuple[int, str]]:
@@ -156,15 +169,15 @@ def write_table(label: str, out: Path, peak: float, runs: dict[str, list[dict]],
         r.update(runs=len(measured), failed=sum(bool(m.get("failed")) for m in measured),
                  steady_spread=(min(steady), max(steady)) if steady else None,
                  tokens_per_s=None, tflops_per_gpu=None, mfu=None)
-        s = summaries.get(name.split()[-1] if "pair" not in name else "mlm")
+        s = summaries.get(name.split()[1] if "pair" not in name else "mlm")
         if s is None or not r["steady_iter_s"]:
             continue
         r["tokens_per_s"] = s["tokens_per_iteration"] / r["steady_iter_s"]
         if "pair" not in name:
             r["tflops_per_gpu"] = s["flops_per_iteration"] / r["steady_iter_s"] / s["world_size"] / 1e12
             r["mfu"] = r["tflops_per_gpu"] / peak
-    for backend in ("mlm", "bridge"):
-        u, n = results.get(f"unified {backend}"), results.get(f"native {backend}")
+    for name, u in results.items():
+        n = results.get(f"native {name.split()[1]}") if name.startswith("unified") else None
         if u and n and u["steady_iter_s"] and n["steady_iter_s"]:
             u["throughput_vs_native"] = n["steady_iter_s"] / u["steady_iter_s"]
             u["first_iteration_vs_native"] = u["first_iteration_s"] / n["first_iteration_s"]
@@ -198,16 +211,27 @@ def write_table(label: str, out: Path, peak: float, runs: dict[str, list[dict]],
 
 
 def run_to_run(out: Path) -> str:
-    """Every unified_train run of a benchmark trains the same config (both backends, the pairs too), so they must
-    all agree bit for bit: a determinism check at no extra GPU cost."""
-    from unified_train import compare
+    """Every unified_train run of a benchmark with one core attention trains the same config (both backends, the
+    pairs too), so they must all agree bit for bit: a determinism check at no extra GPU cost."""
+    from unified_train import rundir
 
-    runs = [r for r in compare.load_runs([str(out)]) if r.metrics]
+    by_attention: dict[str, list] = {}
+    for run in rundir.load_runs([str(out)]):
+        if run.metrics:
+            by_attention.setdefault(run.job.attention, []).append(run)
+    return "\n".join(_identical(out, attention, runs) for attention, runs in sorted(by_attention.items())) or \
+        "Run-to-run: no unified_train run finished, nothing to compare."
+
+
+def _identical(out: Path, attention: str, runs: list) -> str:
+    from unified_train.results import compare
+
+    label = "Run-to-run" + (f" ({attention} attention)" if attention else "")
     if len(runs) < 2:
-        return "Run-to-run: fewer than two unified_train runs finished, nothing to compare."
+        return f"{label}: fewer than two unified_train runs finished, nothing to compare."
     ref, differing = runs[0], []
     for run in runs[1:]:
-        first = next((a["iteration"] for a, b in zip(ref.metrics, run.metrics)
+        first = next((a["iteration"] for a, b in zip(ref.metrics, run.metrics, strict=False)
                       if any(a.get(k) != b.get(k) for k in compare.EXACT_KEYS)), None)
         if first is not None:
             differing.append(f"{Path(run.path).relative_to(out)} (from iteration {first})")
@@ -215,9 +239,9 @@ def run_to_run(out: Path) -> str:
             differing.append(f"{Path(run.path).relative_to(out)} ({len(run.metrics)} of {len(ref.metrics)} iterations)")
     name = Path(ref.path).relative_to(out)
     if not differing:
-        return (f"Run-to-run: all {len(runs)} unified_train runs are bitwise identical to {name} "
+        return (f"{label}: all {len(runs)} unified_train runs are bitwise identical to {name} "
                 f"(lm loss, grad norm, lr at every iteration).")
-    return f"Run-to-run: {len(differing)} of {len(runs) - 1} unified_train runs differ from {name}: {', '.join(differing)}."
+    return f"{label}: {len(differing)} of {len(runs) - 1} unified_train runs differ from {name}: {', '.join(differing)}."
 
 
 if __name__ == "__main__":

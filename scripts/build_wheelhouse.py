@@ -12,7 +12,9 @@ Install on the node (no network there):
     python3 -m pip install --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site
 
-Stdlib only; run it with a Python >= 3.11 that has pip (the project's uv venv has none).
+Run it with a Python >= 3.11 that has pip (the project's uv venv has none). Names, versions, specifiers and
+environment markers are handled by `packaging`; where that is not installed, the copy that pip vendors
+(`pip._vendor.packaging`) is used.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,17 @@ import tempfile
 import tomllib
 import zipfile
 from pathlib import Path
+
+try:
+    from packaging.requirements import InvalidRequirement, Requirement
+    from packaging.specifiers import InvalidSpecifier, SpecifierSet
+    from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+    from packaging.version import InvalidVersion, Version
+except ImportError:
+    from pip._vendor.packaging.requirements import InvalidRequirement, Requirement
+    from pip._vendor.packaging.specifiers import InvalidSpecifier, SpecifierSet
+    from pip._vendor.packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
+    from pip._vendor.packaging.version import InvalidVersion, Version
 
 SCRIPT_DIR = Path(__file__).resolve().parent
 REPO_ROOT = SCRIPT_DIR.parent
@@ -107,127 +119,12 @@ SDIST_ONLY = {"antlr4-python3-runtime"}
 PULP_STRIP_PATTERNS = ["pulp/solverdir/cbc/*"]
 
 
-def normalize(name: str) -> str:
-    """PEP 503 normalized project name."""
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
 # ---------------------------------------------------------------------------------------------------------
-# PEP 508 environment markers: a small evaluator (stdlib only, so no `packaging`).
-
-_MARKER_TOKEN = re.compile(
-    r"""\s*(?:(?P<str>'[^']*'|"[^"]*")|(?P<op>===|==|!=|<=|>=|~=|<|>|\(|\))|(?P<word>[A-Za-z_][A-Za-z0-9_.]*))"""
-)
-_VERSION_VARS = {"python_version", "python_full_version", "implementation_version"}
-
-
-def _version_tuple(v: str) -> tuple:
-    parts = []
-    for p in re.split(r"[.+]", v):
-        parts.append((0, int(p)) if p.isdigit() else (1, p))
-    while parts and parts[-1] == (0, 0):
-        parts.pop()
-    return tuple(parts)
-
-
-class _MarkerEval:
-    def __init__(self, text: str, env: dict[str, str]):
-        self.env = env
-        self.toks: list[tuple[str, str]] = []
-        pos = 0
-        text = text.strip()
-        while pos < len(text):
-            m = _MARKER_TOKEN.match(text, pos)
-            if not m or m.end() == pos:
-                raise ValueError(f"cannot parse marker {text!r}")
-            kind = m.lastgroup
-            self.toks.append((kind, m.group(kind)))
-            pos = m.end()
-            while pos < len(text) and text[pos].isspace():
-                pos += 1
-        self.i = 0
-
-    def _peek(self):
-        return self.toks[self.i] if self.i < len(self.toks) else (None, None)
-
-    def _next(self):
-        tok = self._peek()
-        self.i += 1
-        return tok
-
-    def parse(self) -> bool:
-        val = self._or()
-        if self.i != len(self.toks):
-            raise ValueError("trailing tokens in marker")
-        return val
-
-    def _or(self) -> bool:
-        val = self._and()
-        while self._peek() == ("word", "or"):
-            self._next()
-            rhs = self._and()
-            val = val or rhs
-        return val
-
-    def _and(self) -> bool:
-        val = self._atom()
-        while self._peek() == ("word", "and"):
-            self._next()
-            rhs = self._atom()
-            val = val and rhs
-        return val
-
-    def _value(self) -> tuple[str, bool]:
-        kind, tok = self._next()
-        if kind == "str":
-            return tok[1:-1], False
-        if kind == "word":
-            if tok not in self.env:
-                raise ValueError(f"unknown marker variable {tok!r}")
-            return self.env[tok], tok in _VERSION_VARS
-        raise ValueError(f"unexpected token {tok!r}")
-
-    def _atom(self) -> bool:
-        if self._peek() == ("op", "("):
-            self._next()
-            val = self._or()
-            if self._next() != ("op", ")"):
-                raise ValueError("missing ')'")
-            return val
-        lhs, lhs_ver = self._value()
-        kind, op = self._next()
-        if (kind, op) == ("word", "not"):
-            if self._next() != ("word", "in"):
-                raise ValueError("expected 'in' after 'not'")
-            op = "not in"
-        elif kind not in ("op", "word"):
-            raise ValueError(f"expected an operator, got {op!r}")
-        rhs, rhs_ver = self._value()
-        if op == "in":
-            return lhs in rhs
-        if op == "not in":
-            return lhs not in rhs
-        if lhs_ver or rhs_ver:
-            a, b = _version_tuple(lhs), _version_tuple(rhs)
-            if op == "~=":
-                return a >= b and a[: len(b) - 1] == b[: len(b) - 1]
-        else:
-            a, b = lhs, rhs
-        ops = {
-            "==": a == b,
-            "===": lhs == rhs,
-            "!=": a != b,
-            "<": a < b,
-            "<=": a <= b,
-            ">": a > b,
-            ">=": a >= b,
-        }
-        if op not in ops:
-            raise ValueError(f"unknown operator {op!r}")
-        return ops[op]
+# Requirements
 
 
 def marker_env(python_version: str, extra: str = "") -> dict[str, str]:
+    """PEP 508 marker environment of the node (CPython on linux x86_64), not of the machine running this."""
     full = python_version if python_version.count(".") >= 2 else python_version + ".0"
     return {
         "python_version": ".".join(python_version.split(".")[:2]),
@@ -245,23 +142,45 @@ def marker_env(python_version: str, extra: str = "") -> dict[str, str]:
     }
 
 
-def marker_true(marker: str, env: dict[str, str]) -> bool:
-    if not marker.strip():
+def applies(req: Requirement, env: dict[str, str]) -> bool:
+    """Whether `req`'s marker holds in `env`; a marker that cannot be evaluated keeps the requirement."""
+    if req.marker is None:
         return True
     try:
-        return _MarkerEval(marker, env).parse()
-    except ValueError as exc:
+        return req.marker.evaluate(env)
+    except ValueError as exc:  # UndefinedComparison, UndefinedEnvironmentName, InvalidVersion
         print(f"  warning: {exc}; keeping the requirement", file=sys.stderr)
         return True
 
 
-# ---------------------------------------------------------------------------------------------------------
-# Inputs
+def parse_export(text: str, env: dict[str, str]) -> list[tuple[str, str]]:
+    """(normalized name, version) pins from `uv export` output whose marker holds in `env`.
+
+    Skips comments, `# via` and `--hash` continuation lines (indented) and option lines (`-e`, `--index-url`);
+    raises ValueError on a line that is not a `name==version` pin.
+    """
+    reqs: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        if not line.strip() or line.lstrip().startswith("#") or line[0].isspace() or line.startswith("-"):
+            continue
+        # A same-line `--hash=...` or `# comment` and a trailing `\` continuation are not part of the requirement.
+        spec = line
+        for cut in (" --", "\t--", " #", "\t#"):
+            spec = spec.split(cut, 1)[0]
+        spec = spec.rstrip().removesuffix("\\").rstrip()
+        try:
+            req = Requirement(spec)
+        except InvalidRequirement:
+            req = None
+        pins = list(req.specifier) if req is not None and req.url is None else []
+        if len(pins) != 1 or pins[0].operator != "==" or pins[0].version.endswith(".*"):
+            raise ValueError(f"unexpected line in uv export output: {line!r}")
+        if applies(req, env):
+            reqs.append((canonicalize_name(req.name), pins[0].version))
+    return reqs
 
 
-def run(
-    cmd: list[str], cwd: Path | None = None, capture: bool = False
-) -> subprocess.CompletedProcess:
+def run(cmd: list[str], cwd: Path | None = None, capture: bool = False) -> subprocess.CompletedProcess:
     print("+ " + " ".join(cmd), flush=True)
     return subprocess.run(cmd, cwd=cwd, text=True, capture_output=capture, check=False)
 
@@ -282,40 +201,22 @@ def pip_command() -> list[str]:
         found = shutil.which(exe)
         if found:
             return [found]
-    sys.exit(
-        "error: no pip found; run this script with a Python that has pip (e.g. python3.12 from pyenv)"
-    )
+    sys.exit("error: no pip found; run this script with a Python that has pip (e.g. python3.12 from pyenv)")
+
+
+def uv_export_command() -> list[str]:
+    return uv_command() + ["export", "--frozen", "--no-hashes", "--no-dev", "--no-emit-project"]
 
 
 def locked_requirements(root: Path, python_version: str) -> list[tuple[str, str]]:
     """(name, version) pairs from `uv export`, markers evaluated for the node."""
-    cmd = uv_command() + [
-        "export",
-        "--frozen",
-        "--no-hashes",
-        "--no-dev",
-        "--no-emit-project",
-    ]
-    proc = run(cmd, cwd=root, capture=True)
+    proc = run(uv_export_command(), cwd=root, capture=True)
     if proc.returncode != 0:
         sys.exit(f"error: uv export failed ({proc.returncode}):\n{proc.stderr}")
-    env = marker_env(python_version)
-    reqs: list[tuple[str, str]] = []
-    for line in proc.stdout.splitlines():
-        if (
-            not line.strip()
-            or line.lstrip().startswith("#")
-            or line[0].isspace()
-            or line.startswith("-")
-        ):
-            continue
-        spec, _, marker = line.partition(";")
-        m = re.fullmatch(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([^\s]+)\s*", spec)
-        if not m:
-            sys.exit(f"error: unexpected line in uv export output: {line!r}")
-        if marker_true(marker, env):
-            reqs.append((normalize(m.group(1)), m.group(2)))
-    return reqs
+    try:
+        return parse_export(proc.stdout, marker_env(python_version))
+    except ValueError as exc:
+        sys.exit(f"error: {exc}")
 
 
 def overridden_out(root: Path, python_version: str) -> set[str]:
@@ -323,11 +224,13 @@ def overridden_out(root: Path, python_version: str) -> set[str]:
     data = tomllib.loads((root / "pyproject.toml").read_text())
     env = marker_env(python_version)
     names = set()
-    for req in data.get("tool", {}).get("uv", {}).get("override-dependencies", []):
-        spec, _, marker = req.partition(";")
-        m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", spec)
-        if m and marker.strip() and not marker_true(marker, env):
-            names.add(normalize(m.group(1)))
+    for text in data.get("tool", {}).get("uv", {}).get("override-dependencies", []):
+        try:
+            req = Requirement(text)
+        except InvalidRequirement:
+            continue
+        if not applies(req, env):
+            names.add(canonicalize_name(req.name))
     return names
 
 
@@ -339,54 +242,92 @@ def read_have(paths: list[Path]) -> dict[str, str | None]:
             line = raw.split("#", 1)[0].strip()
             if not line or line.startswith("-"):
                 continue
-            m = re.match(
-                r"([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*(?:===?\s*([^\s;]+))?",
-                line,
-            )
-            if not m:
+            try:
+                req = Requirement(line)
+            except InvalidRequirement:
                 print(f"  warning: {path}: cannot read {raw!r}", file=sys.stderr)
                 continue
-            have[normalize(m.group(1))] = m.group(2)
+            pins = [s.version for s in req.specifier if s.operator in ("==", "===")]
+            have[canonicalize_name(req.name)] = pins[0] if pins else None
     return have
 
 
 def match_exclude(name: str, patterns: dict[str, str]) -> str | None:
     for pat, reason in patterns.items():
-        if fnmatch.fnmatchcase(name, normalize(pat)):
+        if fnmatch.fnmatchcase(name, canonicalize_name(pat)):
             return reason
     return None
+
+
+def exclude_patterns(defaults: bool, keep: list[str], exclude: list[str]) -> dict[str, str]:
+    """Exclude patterns -> reason: the default list (unless `defaults` is false) less `keep`, plus `exclude`."""
+    excludes = dict(DEFAULT_EXCLUDES) if defaults else {}
+    for k in keep:
+        excludes.pop(k, None)
+        excludes.pop(canonicalize_name(k), None)
+    for e in exclude:
+        excludes[e] = "--exclude"
+    return excludes
+
+
+def same_version(node: str, lock: str) -> bool:
+    """Whether the node's version, local label (+cu130) ignored, is the lock's."""
+    try:
+        return Version(node.split("+")[0]) == Version(lock)
+    except InvalidVersion:
+        return node == lock
+
+
+def select(
+    reqs: list[tuple[str, str]], have: dict[str, str | None], excludes: dict[str, str], keep: list[str]
+) -> tuple[list[tuple[str, str]], list[str], list[tuple[str, str]]]:
+    """Split the locked pins into (to ship, on the node, excluded).
+
+    On the node: names in `have`, with " (node X, lock Y)" appended when the versions differ. Excluded:
+    ("name==version", reason) for names matching `excludes` and not in `keep`. The rest is shipped.
+    """
+    keep_names = {canonicalize_name(k) for k in keep}
+    ship: list[tuple[str, str]] = []
+    on_node: list[str] = []
+    excluded: list[tuple[str, str]] = []
+    for name, version in reqs:
+        if name in have:
+            node_v = have[name]
+            note = "" if node_v is None or same_version(node_v, version) else f" (node {node_v}, lock {version})"
+            on_node.append(name + note)
+            continue
+        reason = None if name in keep_names else match_exclude(name, excludes)
+        if reason:
+            excluded.append((f"{name}=={version}", reason))
+            continue
+        ship.append((name, version))
+    return ship, on_node, excluded
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Wheels
 
 
-def wheel_name_version(filename: str) -> tuple[str, str] | None:
-    if not filename.endswith(".whl"):
+def wheel_name_version(filename: str) -> tuple[str, Version] | None:
+    """(normalized name, version) of a wheel file name, None if it is not one."""
+    try:
+        name, version, _, _ = parse_wheel_filename(filename)
+    except (InvalidWheelFilename, InvalidVersion):
         return None
-    parts = filename[:-4].split("-")
-    if len(parts) < 5:
-        return None
-    return normalize(parts[0]), parts[1]
+    return name, version
 
 
 def wheel_for(out: Path, name: str, version: str) -> Path | None:
+    want = (name, Version(version))
     for f in sorted(out.glob("*.whl")):
-        nv = wheel_name_version(f.name)
-        if nv and nv[0] == name and _version_tuple(nv[1]) == _version_tuple(version):
+        if wheel_name_version(f.name) == want:
             return f
     return None
 
 
-def download(
-    pip: list[str],
-    out: Path,
-    reqs: list[tuple[str, str]],
-    pyver: str,
-    platforms: list[str],
-) -> list[str]:
-    """pip download the wheels; returns the names that failed."""
-    base = pip + [
+def pip_download_command(pip: list[str], out: Path, pyver: str, platforms: list[str]) -> list[str]:
+    """`pip download` of wheels for the node's Python and platforms, without their dependencies."""
+    cmd = pip + [
         "download",
         "--no-deps",
         "--only-binary=:all:",
@@ -399,7 +340,13 @@ def download(
         str(out),
     ]
     for plat in platforms:
-        base += ["--platform", plat]
+        cmd += ["--platform", plat]
+    return cmd
+
+
+def download(pip: list[str], out: Path, reqs: list[tuple[str, str]], pyver: str, platforms: list[str]) -> list[str]:
+    """pip download the wheels; returns the names that failed."""
+    base = pip_download_command(pip, out, pyver, platforms)
     todo = [(n, v) for n, v in reqs if wheel_for(out, n, v) is None]
     if not todo:
         return []
@@ -408,45 +355,32 @@ def download(
     print("  batch download failed; retrying one package at a time", flush=True)
     failed = []
     for n, v in todo:
-        if (
-            wheel_for(out, n, v) is None
-            and run(base + ["-q", f"{n}=={v}"]).returncode != 0
-        ):
+        if wheel_for(out, n, v) is None and run(base + ["-q", f"{n}=={v}"]).returncode != 0:
             failed.append(n)
     return failed
+
+
+def is_pure(whl: Path) -> bool:
+    """Whether the wheel installs anywhere (every tag is ABI `none`, platform `any`)."""
+    _, _, _, tags = parse_wheel_filename(whl.name)
+    return all(t.abi == "none" and t.platform == "any" for t in tags)
 
 
 def build_sdist_wheel(pip: list[str], out: Path, name: str, version: str) -> None:
     if wheel_for(out, name, version) is not None:
         return
-    proc = run(
-        pip
-        + [
-            "wheel",
-            "--no-deps",
-            "--disable-pip-version-check",
-            "-w",
-            str(out),
-            f"{name}=={version}",
-        ]
-    )
+    proc = run(pip + ["wheel", "--no-deps", "--disable-pip-version-check", "-w", str(out), f"{name}=={version}"])
     whl = wheel_for(out, name, version)
     if proc.returncode != 0 or whl is None:
         sys.exit(f"error: could not build a wheel for {name}=={version}")
-    if not whl.name.endswith("-none-any.whl"):
-        sys.exit(
-            f"error: {whl.name} was built for this machine, not the node; it is not pure Python"
-        )
+    if not is_pure(whl):
+        sys.exit(f"error: {whl.name} was built for this machine, not the node; it is not pure Python")
 
 
 def strip_wheel(whl: Path, patterns: list[str]) -> int:
     """Repack `whl` without members matching `patterns`, dropping their RECORD lines. Returns bytes saved."""
     with zipfile.ZipFile(whl) as zin:
-        drop = {
-            i.filename
-            for i in zin.infolist()
-            if any(fnmatch.fnmatchcase(i.filename, p) for p in patterns)
-        }
+        drop = {i.filename for i in zin.infolist() if any(fnmatch.fnmatchcase(i.filename, p) for p in patterns)}
         if not drop:
             return 0
         before = whl.stat().st_size
@@ -459,9 +393,7 @@ def strip_wheel(whl: Path, patterns: list[str]) -> int:
                 data = zin.read(info.filename)
                 if info.filename.endswith(".dist-info/RECORD"):
                     lines = data.decode().splitlines(keepends=True)
-                    data = "".join(
-                        l for l in lines if l.split(",", 1)[0] not in drop
-                    ).encode()
+                    data = "".join(ln for ln in lines if ln.split(",", 1)[0] not in drop).encode()
                 zout.writestr(info, data, compress_type=zipfile.ZIP_DEFLATED)
     os.replace(tmp, whl)
     return before - whl.stat().st_size
@@ -492,50 +424,23 @@ def build_project_wheel(root: Path, out: Path, pip: list[str]) -> Path:
 
 def requires_dist(whl: Path) -> list[str]:
     with zipfile.ZipFile(whl) as z:
-        meta = next(
-            (n for n in z.namelist() if n.endswith(".dist-info/METADATA")), None
-        )
+        meta = next((n for n in z.namelist() if n.endswith(".dist-info/METADATA")), None)
         if meta is None:
             return []
         text = z.read(meta).decode("utf-8", "replace")
     head = text.split("\n\n", 1)[0]
-    return [
-        l.split(":", 1)[1].strip()
-        for l in head.splitlines()
-        if l.startswith("Requires-Dist:")
-    ]
+    return [line.split(":", 1)[1].strip() for line in head.splitlines() if line.startswith("Requires-Dist:")]
 
 
 def version_satisfies(version: str, specifiers: str) -> bool | None:
-    """Whether `version` meets a comma-separated PEP 440 specifier list (simple cases; None if unsure)."""
-    v = _version_tuple(version.split("+")[0])
-    for spec in filter(
-        None, (x.strip() for x in specifiers.strip().strip("()").split(","))
-    ):
-        m = re.fullmatch(r"(===|==|!=|~=|<=|>=|<|>)\s*([^\s]+)", spec)
-        if not m:
-            return None
-        op, ref = m.groups()
-        if ref.endswith(".*") and op in ("==", "!="):
-            prefix = _version_tuple(ref[:-2])
-            ok = v[: len(prefix)] == prefix
-            if ok != (op == "=="):
-                return False
-            continue
-        r = _version_tuple(ref.split("+")[0])
-        ok = {
-            "==": v == r,
-            "===": v == r,
-            "!=": v != r,
-            "<=": v <= r,
-            ">=": v >= r,
-            "<": v < r,
-            ">": v > r,
-            "~=": v >= r and v[: len(r) - 1] == r[: len(r) - 1],
-        }[op]
-        if not ok:
-            return False
-    return True
+    """Whether `version` (local label ignored) meets a PEP 440 specifier list; None if either does not parse.
+
+    Pre-releases count: the question is whether the version the node has is in range, not whether to pick it.
+    """
+    try:
+        return SpecifierSet(specifiers).contains(Version(version.split("+")[0]), prereleases=True)
+    except (InvalidSpecifier, InvalidVersion):
+        return None
 
 
 def unmet_dependencies(
@@ -550,23 +455,25 @@ def unmet_dependencies(
     env = marker_env(pyver)
     unmet: dict[str, set[str]] = {}
     for whl in wheels:
-        for req in requires_dist(whl):
-            spec, _, marker = req.partition(";")
-            if not marker_true(marker, env):
+        owner = wheel_name_version(whl.name)[0]
+        for text in requires_dist(whl):
+            try:
+                req = Requirement(text)
+            except InvalidRequirement as exc:
+                print(f"  warning: {whl.name}: {exc}; ignoring the requirement", file=sys.stderr)
                 continue
-            m = re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", spec)
-            if not m:
+            if not applies(req, env):
                 continue
-            dep = normalize(m.group(1))
+            dep = canonicalize_name(req.name)
             if dep not in shipped and dep not in have:
-                unmet.setdefault(dep, set()).add(wheel_name_version(whl.name)[0])
-            elif conflicts is not None and dep not in shipped and have.get(dep):
-                specifiers = re.sub(r"^\s*[A-Za-z0-9._-]+\s*(\[[^\]]*\])?", "", spec)
-                if version_satisfies(have[dep], specifiers) is False:
-                    conflicts.append(
-                        f"{wheel_name_version(whl.name)[0]} wants {dep}{specifiers.strip()}, "
-                        f"the node has {have[dep]}"
-                    )
+                unmet.setdefault(dep, set()).add(owner)
+            elif (
+                conflicts is not None
+                and dep not in shipped
+                and have.get(dep)
+                and version_satisfies(have[dep], str(req.specifier)) is False
+            ):
+                conflicts.append(f"{owner} wants {dep}{req.specifier}, the node has {have[dep]}")
     return unmet
 
 
@@ -576,8 +483,7 @@ def unmet_dependencies(
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
-        epilog="Default excludes (pattern: reason):\n"
-        + "\n".join(f"  {k}: {v}" for k, v in DEFAULT_EXCLUDES.items()),
+        epilog="Default excludes (pattern: reason):\n" + "\n".join(f"  {k}: {v}" for k, v in DEFAULT_EXCLUDES.items()),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -590,8 +496,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="append",
         dest="platforms",
         metavar="TAG",
-        help="wheel platform tag, repeatable; replaces the defaults "
-        f"({', '.join(DEFAULT_PLATFORMS)})",
+        help=f"wheel platform tag, repeatable; replaces the defaults ({', '.join(DEFAULT_PLATFORMS)})",
     )
     p.add_argument(
         "--have",
@@ -650,9 +555,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="keep other wheels found in OUT (by default they are removed: two versions of one "
         "package stop the offline install)",
     )
-    p.add_argument(
-        "--dry-run", action="store_true", help="print what would be shipped and stop"
-    )
+    p.add_argument("--dry-run", action="store_true", help="print what would be shipped and stop")
     return p.parse_args(argv)
 
 
@@ -666,34 +569,9 @@ def main(argv: list[str] | None = None) -> int:
     have_files = args.have or [SCRIPT_DIR / "gpu_node_have.txt"]
     have = read_have(have_files)
 
-    excludes = {} if args.no_default_excludes else dict(DEFAULT_EXCLUDES)
-    for k in args.keep:
-        excludes.pop(k, None)
-        excludes.pop(normalize(k), None)
-    for e in args.exclude:
-        excludes[e] = "--exclude"
-    keep = {normalize(k) for k in args.keep}
-
+    excludes = exclude_patterns(not args.no_default_excludes, args.keep, args.exclude)
     reqs = locked_requirements(root, args.python_version)
-    ship: list[tuple[str, str]] = []
-    on_node: list[str] = []
-    excluded: list[tuple[str, str]] = []
-    for name, version in reqs:
-        if name in have:
-            node_v = have[name]
-            note = (
-                ""
-                if node_v is None
-                or _version_tuple(node_v.split("+")[0]) == _version_tuple(version)
-                else (f" (node {node_v}, lock {version})")
-            )
-            on_node.append(name + note)
-            continue
-        reason = None if name in keep else match_exclude(name, excludes)
-        if reason:
-            excluded.append((f"{name}=={version}", reason))
-            continue
-        ship.append((name, version))
+    ship, on_node, excluded = select(reqs, have, excludes, args.keep)
 
     print(
         f"\nlocked: {len(reqs)}   on the node: {len(on_node)}   excluded: {len(excluded)}   "
@@ -701,10 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     mismatched = [n for n in on_node if "(" in n]
     if mismatched:
-        print(
-            "on the node with another version than the lock (the node's is used):\n  "
-            + "\n  ".join(mismatched)
-        )
+        print("on the node with another version than the lock (the node's is used):\n  " + "\n  ".join(mismatched))
     print("excluded:")
     for nv, reason in excluded:
         print(f"  {nv:40s} {reason}")
@@ -737,9 +612,7 @@ def main(argv: list[str] | None = None) -> int:
             if wheel_name_version(whl.name)[0] == "pulp":
                 saved = strip_wheel(whl, PULP_STRIP_PATTERNS)
                 if saved:
-                    print(
-                        f"  stripped {PULP_STRIP_PATTERNS} from {whl.name}: -{saved / MIB:.2f} MiB"
-                    )
+                    print(f"  stripped {PULP_STRIP_PATTERNS} from {whl.name}: -{saved / MIB:.2f} MiB")
 
     if not args.no_project:
         wheels.append(build_project_wheel(root, out, pip))
@@ -747,31 +620,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_prune:
         keep_files = {w.name for w in wheels}
         for f in sorted(out.iterdir()):
-            if (
-                f.is_file()
-                and f.suffix in (".whl", ".gz", ".zip")
-                and f.name not in keep_files
-            ):
+            if f.is_file() and f.suffix in (".whl", ".gz", ".zip") and f.name not in keep_files:
                 print(f"  removing {f.name} (not in this set)")
                 f.unlink()
 
     conflicts: list[str] = []
-    unmet = unmet_dependencies(
-        wheels, {n for n, _ in ship}, have, args.python_version, conflicts
-    )
+    unmet = unmet_dependencies(wheels, {n for n, _ in ship}, have, args.python_version, conflicts)
     excluded_names = {nv.split("==")[0] for nv, _ in excluded}
     removed = overridden_out(root, args.python_version)
-    missing = {
-        d: w for d, w in unmet.items() if d not in excluded_names and d not in removed
-    }
+    missing = {d: w for d, w in unmet.items() if d not in excluded_names and d not in removed}
     if missing:
         print("\nwarning: dependencies neither shipped, excluded nor listed in --have:")
         for d, w in sorted(missing.items()):
             print(f"  {d:30s} needed by {', '.join(sorted(w))}")
     if conflicts:
-        print(
-            "\nnote: the node's version falls outside a shipped wheel's declared range (--no-deps installs anyway):"
-        )
+        print("\nnote: the node's version falls outside a shipped wheel's declared range (--no-deps installs anyway):")
         for c in sorted(set(conflicts)):
             print(f"  {c}")
 
@@ -783,9 +646,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, size in rows:
         print(f"{name:{width}s}  {size / MIB:7.2f}")
     print(f"{'-' * width}  {'-' * 7}")
-    print(
-        f"{f'total ({len(rows)} wheels, all of {out.name}/)':{width}s}  {total / MIB:7.2f}"
-    )
+    print(f"{f'total ({len(rows)} wheels, all of {out.name}/)':{width}s}  {total / MIB:7.2f}")
     if total > args.max_mib * MIB:
         print(
             f"error: {total / MIB:.2f} MiB is over the --max-mib budget of {args.max_mib:g} MiB",

@@ -7,7 +7,7 @@ with torch, megatron and Hydra imported that takes the better part of a second.
 
 Times are seconds since this wrapper started, which is within a few milliseconds of the process start, so they
 line up with scripts/benchmark.py's stamped logs. `--no-freeze` makes `gc.freeze` a no-op in the traced program,
-to measure it without unified_train's heap freeze (launch.run_job). This imports nothing heavy itself.
+to measure it without unified_train's heap freeze (runtime.job.run_job). This imports nothing heavy itself.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ import sys
 import pytest
 from ut_helpers import LOSSES, REPO, write_run_dir
 
-from unified_train import tracking
+from unified_train.results import metrics
 
 spec = importlib.util.spec_from_file_location("benchmark", REPO / "scripts" / "benchmark.py")
 benchmark = importlib.util.module_from_spec(spec)
@@ -60,7 +60,7 @@ def test_table_reports_medians_ratios_and_failures(tmp_path):
 
 def test_a_run_is_timed_from_its_own_lines(tmp_path):
     """The pretrain line (as unified_train and native_baseline.py print it) and the stack's iteration lines."""
-    lines = [tracking.pretrain_called_line("unified_train", {"job_started": 3.0, "pretrain_called": 12.34})]
+    lines = [metrics.pretrain_called_line("unified_train", {"job_started": 3.0, "pretrain_called": 12.34})]
     lines += [f" [t] iteration {i:8d}/      10 | consumed samples: {32 * i} | elapsed time per iteration (ms): "
               f"{500.0 if i == 1 else 100.0 + i} | learning rate: 3.0E-04 |" for i in range(1, 11)]
     code = f"print({chr(10).join(lines)!r})"
@@ -87,3 +87,14 @@ def test_run_to_run_names_each_run_that_differs(tmp_path):
     assert benchmark.run_to_run(tmp_path) == (
         "Run-to-run: 2 of 3 unified_train runs differ from pair_0/1_bridge: unified_bridge_0 (from iteration 3), "
         "unified_bridge_1 (3 of 5 iterations).")
+
+
+def test_run_to_run_compares_runs_of_one_core_attention(tmp_path):
+    """Runs with another kernels.attention train other numerics: they are compared among themselves only."""
+    write_run_dir(tmp_path / "unified_mlm_flex_0", "mlm", attention="flex")
+    write_run_dir(tmp_path / "unified_bridge_flex_0", "bridge", attention="flex")
+    write_run_dir(tmp_path / "unified_mlm_sdpa_0", "mlm", attention="sdpa", losses=[x + 2**-20 for x in LOSSES])
+    assert benchmark.run_to_run(tmp_path).splitlines() == [
+        "Run-to-run (flex attention): all 2 unified_train runs are bitwise identical to unified_bridge_flex_0 "
+        "(lm loss, grad norm, lr at every iteration).",
+        "Run-to-run (sdpa attention): fewer than two unified_train runs finished, nothing to compare."]

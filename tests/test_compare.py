@@ -8,7 +8,7 @@ import pytest
 from ut_helpers import LOSSES
 from ut_helpers import write_run_dir as _write_run
 
-from unified_train import compare
+from unified_train.results import compare
 
 
 def test_equal_runs_are_bitwise_exact(tmp_path):

@@ -1,4 +1,4 @@
-"""§2: both stacks import without Transformer Engine / apex, with the wheel's missing datasets Makefile, and in
+"""Both stacks import without Transformer Engine / apex, with the wheel's missing datasets Makefile, and in
 multiprocessing spawn children; the real package is used where installed."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ import sys
 import textwrap
 
 import pytest
-
 from ut_helpers import run_python
 
 HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
@@ -18,9 +17,9 @@ HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 def test_compat_hooks_are_installed_at_interpreter_start():
     from unified_train import compat
 
-    assert any(isinstance(f, compat._CompatFinder) for f in sys.meta_path)
+    assert any(isinstance(f, compat.CompatFinder) for f in sys.meta_path)
     compat.install()  # idempotent
-    assert sum(isinstance(f, compat._CompatFinder) for f in sys.meta_path) == 1
+    assert sum(isinstance(f, compat.CompatFinder) for f in sys.meta_path) == 1
 
 
 @pytest.mark.skipif(HAVE_TE, reason="Transformer Engine is installed here")
@@ -43,10 +42,11 @@ def test_bridge_pretrain_imports_without_transformer_engine():
 @pytest.mark.skipif(HAVE_TE, reason="Transformer Engine is installed here")
 def test_default_layer_spec_is_local_without_te():
     from ut_helpers import compose
-    from unified_train import mcore_fields
 
-    assert mcore_fields.resolved_transformer_impl(compose()) == "local"
-    assert mcore_fields.resolved_transformer_impl(compose(["kernels.transformer_impl=local"])) == "local"
+    from unified_train import config
+
+    assert config.transformer_impl(compose()) == "local"
+    assert config.transformer_impl(compose(["kernels.transformer_impl=local"])) == "local"
 
 
 def test_compile_helpers_does_not_run_make(monkeypatch):
@@ -89,7 +89,7 @@ def test_energon_is_the_real_package_when_installed():
 
     from unified_train import compat
 
-    assert not isinstance(megatron.energon, compat._Absent)
+    assert not isinstance(megatron.energon, compat.AbsentModule)
     assert megatron.energon.__file__ and megatron.energon.__file__.endswith("__init__.py")
 
 
@@ -109,10 +109,10 @@ def test_energon_placeholder_when_missing(tmp_path):
             return real(name, path, target)
         PathFinder.find_spec = staticmethod(find_spec)
         from unified_train import compat
-        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, (compat._CompatFinder, compat._AbsentFinder))]
+        sys.meta_path[:] = [f for f in sys.meta_path if not isinstance(f, (compat.CompatFinder, compat.AbsentFinder))]
         compat.install()
         import megatron.energon as e
-        assert isinstance(e, compat._Absent), type(e)
+        assert isinstance(e, compat.AbsentModule), type(e)
         from megatron.energon import WorkerConfig
         try:
             WorkerConfig()
@@ -176,7 +176,7 @@ def test_bridge_recipes_import_without_energon(tmp_path):
         "else orig(n, p, t))\n"
         "from megatron.bridge.recipes.gpt.vanilla_gpt import vanilla_gpt_pretrain_config\n"
         "import megatron.energon, unified_train.compat as c\n"
-        "assert isinstance(megatron.energon, c._Absent)\n"
+        "assert isinstance(megatron.energon, c.AbsentModule)\n"
         "print('RECIPE', type(vanilla_gpt_pretrain_config().model).__name__)\n"
     )
     proc = run_python(code, tmp_path)

@@ -19,8 +19,8 @@ from torch._dynamo.backends.common import aot_autograd
 from functorch.compile import make_boxed_func
 
 if sys.argv[1] == "pinned":
-    from unified_train import launch
-    launch._pin_compiler_determinism()
+    from unified_train.runtime import env
+    env.pin_compiler_determinism()
 else:
     inductor_config.deterministic = True  # what TORCHINDUCTOR_DETERMINISTIC=1 alone gives
 

@@ -1,4 +1,4 @@
-"""§3: the composed config, presets, derived values and schema validation (no torch, no megatron)."""
+"""The composed config, presets, derived values and schema validation (no torch, no megatron)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import pytest
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
-
 from ut_helpers import CONF, PRESETS, compose
+
+from unified_train import checks, rundir
 from unified_train import config as C
-from unified_train import plan
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +33,7 @@ def test_default_config_is_bridge_vanilla(default_cfg):
     assert cfg.optim.lr == pytest.approx(3e-4) and cfg.optim.min_lr == pytest.approx(3e-5)
     assert cfg.sched.lr_decay_style == "cosine"
     assert cfg.parallel.tp == 1 and cfg.parallel.pp == 1 and cfg.parallel.sequence_parallel is False
-    assert plan.check(cfg) == []
+    assert checks.check(cfg) == []
 
 
 def test_config_has_the_required_groups():
@@ -103,7 +103,7 @@ def test_explicit_schedule_wins():
 
 def test_explicit_warmup_not_below_decay_is_rejected():
     cfg = compose(["sched.lr_warmup_iters=10"])
-    errors = plan.check(cfg)
+    errors = checks.check(cfg)
     assert len(errors) == 1 and errors[0].startswith("sched.lr_warmup_iters=10")
 
 
@@ -156,11 +156,13 @@ def test_unknown_group_option_fails_at_compose():
 
 
 def test_schema_rejects_new_keys_in_struct_mode(default_cfg):
-    with pytest.raises(Exception):
+    from omegaconf.errors import ConfigAttributeError
+
+    with pytest.raises(ConfigAttributeError):
         default_cfg.train.not_a_field = 1
 
 
 def test_pair_id_ignores_backend_but_not_numerics():
     mlm, bridge = compose(["backend=mlm"]), compose(["backend=bridge"])
-    assert plan.pair_id(mlm) == plan.pair_id(bridge)
-    assert plan.pair_id(mlm) != plan.pair_id(compose(["optim.adam_beta2=0.999"]))
+    assert rundir.pair_id(mlm) == rundir.pair_id(bridge)
+    assert rundir.pair_id(mlm) != rundir.pair_id(compose(["optim.adam_beta2=0.999"]))

@@ -1,4 +1,4 @@
-"""§7: bad input gets one line naming the key, exit code 2, nothing written; fast paths import nothing heavy."""
+"""Bad input gets one line naming the key, exit code 2, nothing written; fast paths import nothing heavy."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import os
 import re
 
 import pytest
-
 from ut_helpers import run_cli, run_python
 
 # (overrides, a key the one line must name)
@@ -107,10 +106,11 @@ def test_bad_input_imports_neither_torch_nor_megatron(tmp_path):
 def test_mlm_backend_never_imports_bridge(tmp_path):
     code = (
         "import sys\n"
-        "from unified_train import sweep\n"
-        "from unified_train.backends import mlm\n"
-        "cfg = sweep._compose(None, 'config', ['backend=mlm', 'parallel.dp=1'])\n"
-        "native = mlm.native_config(cfg)\n"
+        "from unified_train import backends, rundir\n"
+        "from unified_train.compose import compose\n"
+        "cfg = compose(['backend=mlm', 'parallel.dp=1'])\n"
+        "mlm = backends.get('mlm')\n"
+        "native = mlm.native_config(cfg, rundir.identity(cfg, world_size=1))\n"
         "mlm.describe(native)\n"
         "mlm.export(native)\n"
         "assert 'megatron.training' in sys.modules and 'megatron.core' in sys.modules\n"
@@ -199,20 +199,20 @@ def test_the_ranks_of_one_job_need_one_explicit_directory(env, tmp_path):
 
 
 def test_resume_is_explicit_and_reaches_both_stacks(tmp_path):
-    from ut_helpers import compose
+    from ut_helpers import compose, native
 
-    from unified_train import backends, plan
+    from unified_train import checks
 
     default = compose()
-    assert backends.get("mlm").native_config(default).args.load is None
-    assert backends.get("bridge").native_config(default).container.checkpoint.load is None
+    assert native("mlm", default).args.load is None
+    assert native("bridge", default).container.checkpoint.load is None
     checkpoints = tmp_path / "run" / "checkpoints"
     checkpoints.mkdir(parents=True)
     (checkpoints / "latest_checkpointed_iteration.txt").write_text("10\n")
     resume = compose([f"checkpoint.load={checkpoints}"])
-    assert plan.check(resume) == []
-    assert backends.get("mlm").native_config(resume).args.load == str(checkpoints)
-    assert backends.get("bridge").native_config(resume).container.checkpoint.load == str(checkpoints)
+    assert checks.check(resume) == []
+    assert native("mlm", resume).args.load == str(checkpoints)
+    assert native("bridge", resume).container.checkpoint.load == str(checkpoints)
 
 
 def test_a_resume_that_would_not_happen_is_refused(tmp_path):

@@ -1,13 +1,14 @@
-"""§6: `mode=export` prints native invocations; the MLM flags round-trip through MLM's own parser."""
+"""`mode=export` prints native invocations; the MLM flags round-trip through MLM's own parser."""
 
 from __future__ import annotations
 
 import shlex
 
 import pytest
+from ut_helpers import compose, job_for, native
 
-from ut_helpers import compose
-from unified_train import backends, export
+from unified_train.backends.mlm.argv import parse_and_validate
+from unified_train.modes import export
 
 # Namespace entries that legitimately differ between two parses of the same flags.
 _VOLATILE = {"rank", "local_rank", "world_size"}
@@ -25,7 +26,7 @@ CONFIGS = {
 
 def _printed_commands(cfg) -> dict[str, list[str]]:
     """The two commands as a user copies them from the rendered text."""
-    lines = [line for line in export.render(cfg).splitlines() if line.startswith("torchrun")]
+    lines = [line for line in export.render(cfg, job_for(cfg)).splitlines() if line.startswith("torchrun")]
     assert len(lines) == 2
     mlm, bridge = (shlex.split(line) for line in lines)
     assert "pretrain_gpt.py" in mlm and "scripts/training/run_recipe.py" in bridge
@@ -35,7 +36,7 @@ def _printed_commands(cfg) -> dict[str, list[str]]:
 @pytest.fixture(scope="module", params=list(CONFIGS), ids=list(CONFIGS))
 def exported(request):
     cfg = compose(CONFIGS[request.param])
-    return cfg, export.commands(cfg), _printed_commands(cfg)
+    return cfg, export.commands(cfg, job_for(cfg)), _printed_commands(cfg)
 
 
 def test_render_matches_commands(exported):
@@ -45,23 +46,21 @@ def test_render_matches_commands(exported):
 
 def test_mlm_flags_round_trip_through_mlm_parser(exported):
     cfg, commands, printed = exported
-    mlm = backends.get("mlm")
     cmd = printed["mlm"]
-    assert cmd[:2] == ["torchrun", f"--nproc-per-node={mlm.native_config(cfg).world_size}"]
+    assert cmd[:2] == ["torchrun", f"--nproc-per-node={native('mlm', cfg).world_size}"]
     argv = cmd[cmd.index("pretrain_gpt.py") + 1:]
     world = int(cmd[1].split("=")[1])
-    reparsed = vars(mlm._parse_and_validate(argv, world))
-    native = vars(mlm.native_config(cfg).args)
-    assert set(reparsed) == set(native)
-    differing = {k for k in native if k not in _VOLATILE and reparsed[k] != native[k]}
+    reparsed = vars(parse_and_validate(argv, world))
+    built = vars(native("mlm", cfg).args)
+    assert set(reparsed) == set(built)
+    differing = {k for k in built if k not in _VOLATILE and reparsed[k] != built[k]}
     assert differing == set()
 
 
 def test_mlm_flags_carry_the_unified_values(exported):
     cfg, _, printed = exported
-    mlm = backends.get("mlm")
     cmd = printed["mlm"]
-    args = mlm._parse_and_validate(cmd[cmd.index("pretrain_gpt.py") + 1:], int(cmd[1].split("=")[1]))
+    args = parse_and_validate(cmd[cmd.index("pretrain_gpt.py") + 1:], int(cmd[1].split("=")[1]))
     m = cfg.model
     assert (args.num_layers, args.hidden_size, args.num_attention_heads) == (m.num_layers, m.hidden_size,
                                                                              m.num_attention_heads)
@@ -102,11 +101,11 @@ def test_bridge_overrides_apply_to_the_real_recipe(exported):
     overrides = [a for a in cmd if "=" in a and not a.startswith("--")]
     recipe = vanilla_gpt_pretrain_config()
     process_config_with_overrides(recipe, cli_overrides=overrides)
-    native = backends.get("bridge").native_config(cfg)
+    built = native("bridge", cfg)
     for override in overrides:
         key = override.split("=", 1)[0]
         section, field = key.split(".", 1)
-        ours = getattr(getattr(native.container, section), field)
+        ours = getattr(getattr(built.container, section), field)
         theirs = getattr(getattr(recipe, section), field)
         if field == "activation_func":
             ours, theirs = ours.__name__, theirs.__name__
@@ -127,12 +126,11 @@ def test_export_mode_builds_both_without_writing_a_run(tmp_path):
 def test_round_trip_comparison_detects_a_lost_flag(exported):
     """The comparison above is not vacuous: dropping one printed flag changes the parsed namespace."""
     cfg, _, printed = exported
-    mlm = backends.get("mlm")
     cmd = printed["mlm"]
     argv = cmd[cmd.index("pretrain_gpt.py") + 1:]
     i = argv.index("--adam-beta2")
-    args = mlm._parse_and_validate(argv[:i] + argv[i + 2:], int(cmd[1].split("=")[1]))
-    native = mlm.native_config(cfg).args
-    if native.adam_beta2 == 0.999:  # MLM's own default
+    args = parse_and_validate(argv[:i] + argv[i + 2:], int(cmd[1].split("=")[1]))
+    built = native("mlm", cfg).args
+    if built.adam_beta2 == 0.999:  # MLM's own default
         pytest.skip("beta2 equals MLM's default")
-    assert args.adam_beta2 != native.adam_beta2
+    assert args.adam_beta2 != built.adam_beta2

@@ -8,7 +8,7 @@ import sys
 
 from ut_helpers import REPO
 
-# Builds a long-lived heap, freezes it (as launch.run_job does before training), then forces a full collection.
+# Builds a long-lived heap, freezes it (as runtime.job.run_job does before training), then forces a full collection.
 PROGRAM = """
 import gc, sys
 keep = [[i] for i in range(200_000)]

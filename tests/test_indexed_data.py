@@ -8,11 +8,14 @@ import json
 import pytest
 from ut_helpers import (
     compose,
+    describe_both,
     run_cli,
     run_python,
     write_hf_tokenizer,
     write_indexed_prefix,
 )
+
+from unified_train.modes import parity
 
 DATA = ["data=indexed", "data.tokenizer_type=NullTokenizer", "data.tokenizer_model=null"]
 
@@ -33,11 +36,9 @@ def hf_tokenizer(tmp_path_factory):
 def test_a_tokenizer_of_its_own_sizes_both_embeddings(corpus, hf_tokenizer):
     """A Hugging Face tokenizer brings its own vocabulary: both stacks size (and pad) the embedding from it, not
     from model.vocab_size, and the parity diff sees what each stack's setup will build."""
-    from unified_train import parity
-
     cfg = compose(["data=indexed", f"data.tokenizer_model={hf_tokenizer}", f"data.data_path=[{corpus}/a]",
                    "data.split='90,5,5'", "parallel.dp=1"])
-    both = parity.describe_both(cfg)
+    both = describe_both(cfg)
     assert both["mlm"]["gpt.vocab_size"] == both["bridge"]["gpt.vocab_size"] == 1024  # 1000 padded to 128
     assert parity.diff(both["mlm"], both["bridge"]) == []
 
@@ -49,11 +50,13 @@ _BUILD_BOTH = """
 import json, os, sys
 import numpy as np
 import torch.distributed as dist
-from unified_train import sweep
-from unified_train.backends import bridge, mlm
+from unified_train import backends, resources, rundir
+from unified_train.backends.mlm import glue
+from unified_train.compose import compose
 
-cfg = sweep._compose(None, "config", json.loads(sys.argv[1]))
-m, b = mlm.native_config(cfg), bridge.native_config(cfg)
+cfg = compose(json.loads(sys.argv[1]))
+job = rundir.identity(cfg, world_size=resources.world_size(cfg))
+m, b = (backends.get(name).native_config(cfg, job) for name in ("mlm", "bridge"))
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
 dist.init_process_group("gloo", rank=0, world_size=1)
 from megatron.core import parallel_state
@@ -63,7 +66,7 @@ from megatron.core.tokenizers.utils.build_tokenizer import build_tokenizer
 from megatron.training import global_vars, training
 global_vars._GLOBAL_ARGS = m.args
 build_tokenizer(m.args)
-mlm_sets = training.build_train_valid_test_datasets(mlm.datasets_provider(m.data_seed))
+mlm_sets = training.build_train_valid_test_datasets(glue.datasets_provider(m.data_seed))
 
 from megatron.bridge.data.loaders import build_train_valid_test_datasets
 from megatron.bridge.data.utils import get_dataset_provider
@@ -83,7 +86,7 @@ print("RESULT", json.dumps(out))
 
 
 def test_both_stacks_draw_the_same_blended_samples(corpus, hf_tokenizer, tmp_path):
-    from unified_train.ranks import free_port
+    from unified_train.runtime.ranks import free_port
 
     overrides = ["data=indexed", f"data.tokenizer_model={hf_tokenizer}", "data.split='90,5,5'",
                  f"data.data_path=['0.3 {corpus}/a','0.7 {corpus}/b']"]

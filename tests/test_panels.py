@@ -8,9 +8,10 @@ import subprocess
 import sys
 
 import pytest
-from ut_helpers import compose, offline_wandb_run, subprocess_env
+from ut_helpers import compose, job_for, offline_wandb_run, subprocess_env
 
-from unified_train import launch, panels, plan
+from unified_train import rundir
+from unified_train.results import panels
 
 
 @pytest.fixture(scope="module")
@@ -20,18 +21,18 @@ def sweep(tmp_path_factory):
     for num, backend in enumerate(("mlm", "bridge")):
         cfg = compose([f"backend={backend}", "model=llama32_1b", "parallel.tp=2"])
         run_dir = root / f"{num}_{backend}"
-        launch.write_run_json(cfg, str(run_dir))
+        rundir.write_job_record(cfg, job_for(cfg, run_dir, root.name))
         offline_wandb_run(cfg, run_dir, root.name)
     return root
 
 
 def test_offline_writes_the_spec_and_prints_sync_and_panel_commands(sweep):
     env = {k: v for k, v in subprocess_env().items() if k != "WANDB_API_KEY"}
-    proc = subprocess.run([sys.executable, "-m", "unified_train.panels", str(sweep)], env=env, capture_output=True,
+    proc = subprocess.run([sys.executable, "-m", "unified_train.results.panels", str(sweep)], env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     spec = json.loads((sweep / panels.SPEC_FILE).read_text())
-    pid = plan.pair_id(compose(["model=llama32_1b", "parallel.tp=2"]))
+    pid = rundir.pair_id(compose(["model=llama32_1b", "parallel.tp=2"]))
     assert spec["project"] == "unified_train" and spec["entity"] is None
     [section] = spec["sections"]
     assert section["group"] == pid and section["job_types"] == ["bridge", "mlm"]
@@ -40,7 +41,7 @@ def test_offline_writes_the_spec_and_prints_sync_and_panel_commands(sweep):
     assert len(spec["offline_runs"]) == 2
     for run in spec["offline_runs"]:
         assert f"wandb sync -p unified_train {run}" in proc.stdout
-    assert f"-m unified_train.panels --spec {sweep / panels.SPEC_FILE}" in proc.stdout
+    assert f"-m unified_train.results.panels --spec {sweep / panels.SPEC_FILE}" in proc.stdout
 
 
 def test_online_builds_one_section_per_pair_and_saves(sweep, monkeypatch):
@@ -54,7 +55,7 @@ def test_online_builds_one_section_per_pair_and_saves(sweep, monkeypatch):
     [report] = saved
     assert (report.entity, report.project, report.title) == ("team", "unified_train", "pairs")
     heading, grid = report.blocks[1:]
-    pid = plan.pair_id(compose(["model=llama32_1b", "parallel.tp=2"]))
+    pid = rundir.pair_id(compose(["model=llama32_1b", "parallel.tp=2"]))
     assert isinstance(heading, wr.H2) and pid in str(heading.text)
     [runset] = grid.runsets
     assert (runset.entity, runset.project) == ("team", "unified_train")

@@ -1,25 +1,27 @@
-"""§4/§5: both translators, and the parity diff (zero differences everywhere; catches real mismatches)."""
+"""Both translators, and the parity diff (zero differences everywhere; catches real mismatches)."""
 
 from __future__ import annotations
 
 import itertools
 
 import pytest
+from ut_helpers import PRESETS, compose, describe_both, job_for, native, run_cli
 
-from ut_helpers import PRESETS, compose, run_cli
-from unified_train import backends, parity, plan
+from unified_train import backends, checks
+from unified_train.backends.mlm.argv import build_argv
+from unified_train.modes import parity
 
 TOPOLOGIES = list(itertools.product((1, 2, 4, 8), (1, 2)))
 
 
-def _describe(backend_name, cfg, world_size=None):
+def _describe(backend_name, cfg):
     backend = backends.get(backend_name)
-    return backend.describe(backend.native_config(cfg, None, world_size=world_size or plan.world_size(cfg)))
+    return backend.describe(backend.native_config(cfg, job_for(cfg)))
 
 
 @pytest.fixture(scope="module")
 def default_both():
-    return parity.describe_both(compose(["parallel.dp=1"]))
+    return describe_both(compose(["parallel.dp=1"]))
 
 
 def test_describe_covers_every_required_section(default_both):
@@ -52,7 +54,7 @@ def test_default_config_values_reach_both_stacks(default_both):
         # Warmup of 1 iteration: lr 0 at iteration 1 from lr_warmup_init, then cosine decay to min_lr.
         lrs = [d[f"schedule.lr@{i}"] for i in range(1, 11)]
         assert lrs[1] == pytest.approx(3e-4)
-        assert all(a >= b for a, b in zip(lrs[1:], lrs[2:]))
+        assert all(a >= b for a, b in zip(lrs[1:], lrs[2:], strict=False))
         assert lrs[-1] > 3e-5 - 1e-12
         assert {d[f"schedule.weight_decay@{i}"] for i in range(1, 11)} == {0.033}
 
@@ -70,12 +72,12 @@ def _topology_cfg(preset, tp, pp, extra=()):
 @pytest.mark.parametrize("preset", PRESETS)
 def test_zero_differences_for_every_preset_and_topology(preset, tp, pp):
     cfg = _topology_cfg(preset, tp, pp)
-    errors = plan.check(cfg)
+    errors = checks.check(cfg)
     if errors:
         # The only reason a combination is invalid here is that tp does not divide the heads/groups.
         assert all("parallel.tp" in e for e in errors), errors
         pytest.skip(f"invalid topology: {errors[0]}")
-    both = parity.describe_both(cfg)
+    both = describe_both(cfg)
     assert both["mlm"]["transformer.tensor_model_parallel_size"] == tp
     assert both["bridge"]["transformer.pipeline_model_parallel_size"] == pp
     assert both["mlm"]["transformer.num_layers"] == 4
@@ -85,7 +87,7 @@ def test_zero_differences_for_every_preset_and_topology(preset, tp, pp):
 
 def test_invalid_topologies_are_exactly_the_head_counts():
     """The skips above are real: vanilla_gpt (4 heads) and gpt_125m (12 heads) cannot use tp=8."""
-    invalid = {(p, tp) for p in PRESETS for tp in (1, 2, 4, 8) if plan.check(_topology_cfg(p, tp, 1))}
+    invalid = {(p, tp) for p in PRESETS for tp in (1, 2, 4, 8) if checks.check(_topology_cfg(p, tp, 1))}
     assert invalid == {("vanilla_gpt", 8), ("gpt_125m", 8)}
 
 
@@ -105,33 +107,33 @@ def test_invalid_topologies_are_exactly_the_head_counts():
 ], ids=lambda e: " ".join(e) if isinstance(e, list) else None)
 def test_zero_differences_for_other_knobs(extra):
     cfg = compose(["parallel.dp=1", *extra])
-    assert plan.check(cfg) == []
-    both = parity.describe_both(cfg)
+    assert checks.check(cfg) == []
+    both = describe_both(cfg)
     rows = parity.diff(both["mlm"], both["bridge"])
     assert rows == [], parity.table(rows)
 
 
 def test_seeds_follow_rng_seed_on_both_sides():
-    both = parity.describe_both(compose(["parallel.dp=1", "rng.seed=42"]))
+    both = describe_both(compose(["parallel.dp=1", "rng.seed=42"]))
     for side in both.values():
         assert side["rng.seed"] == 42 and side["dataset.random_seed"] == 42
 
 
 def test_data_seed_set_on_its_own_reaches_both_sides():
-    both = parity.describe_both(compose(["parallel.dp=1", "rng.seed=42", "data.seed=7"]))
+    both = describe_both(compose(["parallel.dp=1", "rng.seed=42", "data.seed=7"]))
     for side in both.values():
         assert side["rng.seed"] == 42 and side["dataset.random_seed"] == 7
 
 
 @pytest.fixture
 def deterministic_env(monkeypatch):
-    """The process environment launch.py sets for determinism=strict; Bridge's validation turns on
+    """The process environment runtime/env.py sets for determinism=strict; Bridge's validation turns on
     torch.use_deterministic_algorithms, which is undone afterwards."""
     import torch
 
-    from unified_train import launch
+    from unified_train.runtime import env
 
-    for key, value in launch.process_env(compose(["determinism=strict"])).items():
+    for key, value in env.process_env(compose(["determinism=strict"])).items():
         monkeypatch.setenv(key, value)
     yield
     torch.use_deterministic_algorithms(False)
@@ -139,7 +141,7 @@ def deterministic_env(monkeypatch):
 
 def test_zero_differences_deterministic_mode(deterministic_env):
     cfg = compose(["parallel.dp=1", "determinism=strict"])
-    both = parity.describe_both(cfg)
+    both = describe_both(cfg)
     assert both["mlm"]["transformer.deterministic_mode"] is True
     assert both["mlm"]["transformer.cross_entropy_loss_fusion"] is False
     rows = parity.diff(both["mlm"], both["bridge"])
@@ -152,7 +154,7 @@ def test_parity_deterministic_mode_without_launcher_env(monkeypatch):
 
     monkeypatch.delenv("NCCL_ALGO", raising=False)
     try:
-        parity.describe_both(compose(["parallel.dp=1", "determinism=strict"]))
+        describe_both(compose(["parallel.dp=1", "determinism=strict"]))
     finally:
         torch.use_deterministic_algorithms(False)
 
@@ -192,11 +194,11 @@ def test_diff_catches_position_table(mlm_default):
 
 def test_diff_catches_position_table_size_alone(default_both):
     # Same sequence length, larger position table on the MLM side only (Bridge refuses a table that differs from
-    # the sequence length, and so does plan.check): only the table differs.
+    # the sequence length, and so does checks.check): only the table differs.
     mlm_side = _describe("mlm", compose(["parallel.dp=1", "model.max_position_embeddings=1024"]))
     rows = {r[0]: r for r in parity.diff(mlm_side, default_both["bridge"])}
     assert set(rows) == {"gpt.seq_length"} and rows["gpt.seq_length"][1:] == (1024, 512)
-    assert plan.check(compose(["model.max_position_embeddings=1024"]))  # refused up front
+    assert checks.check(compose(["model.max_position_embeddings=1024"]))  # refused up front
 
 
 def test_diff_catches_schedule(mlm_default):
@@ -218,7 +220,7 @@ def test_diff_catches_weight_decay_and_seed(mlm_default):
 
 def test_cyclic_sampler_reaches_both_stacks_and_a_mismatch_is_caught(mlm_default):
     """data.dataloader_type=cyclic (the setting that aligns validation) drives both stacks' loaders."""
-    both = parity.describe_both(compose(["parallel.dp=1", "data.dataloader_type=cyclic"]))
+    both = describe_both(compose(["parallel.dp=1", "data.dataloader_type=cyclic"]))
     assert {side["data.dataloader_type"] for side in both.values()} == {"cyclic"}
     assert {side["data.data_sharding"] for side in both.values()} == {True}
     assert mlm_default["data.dataloader_type"] == "single"
@@ -235,34 +237,34 @@ def test_diff_catches_tp_and_dp_and_batch(mlm_default):
 
 def test_diff_catches_mlm_extra_flags():
     cfg = compose(["parallel.dp=1", "backend=mlm", "backend.extra=[--adam-beta2,0.999]"])
-    both = parity.describe_both(cfg)
+    both = describe_both(cfg)
     assert both["mlm"]["optimizer.adam_beta2"] == 0.999 and both["bridge"]["optimizer.adam_beta2"] == 0.95
     assert {r[0] for r in parity.diff(both["mlm"], both["bridge"])} == {"optimizer.adam_beta2"}
 
 
 def test_diff_catches_bridge_extra_overrides():
     cfg = compose(["parallel.dp=1", "backend=bridge", "backend.extra=['model.bias_activation_fusion=true']"])
-    both = parity.describe_both(cfg)
+    both = describe_both(cfg)
     assert {r[0] for r in parity.diff(both["mlm"], both["bridge"])} == {"transformer.bias_activation_fusion"}
 
 
 def test_extra_of_the_other_backend_is_ignored():
     # backend.extra belongs to the selected backend only: a Bridge override never reaches MLM's flags.
     cfg = compose(["parallel.dp=1", "backend=bridge", "backend.extra=['optimizer.adam_beta2=0.999']"])
-    argv = backends.get("mlm").build_argv(cfg, None)
+    argv = build_argv(cfg, job_for(cfg))
     assert argv[argv.index("--adam-beta2") + 1] == "0.95" and "optimizer.adam_beta2=0.999" not in argv
-    both = parity.describe_both(cfg)
+    both = describe_both(cfg)
     assert (both["mlm"]["optimizer.adam_beta2"], both["bridge"]["optimizer.adam_beta2"]) == (0.95, 0.999)
 
 
 def test_parity_main_reports_and_fails_on_difference(capsys):
     cfg = compose(["parallel.dp=1", "backend.extra=[--adam-beta2,0.999]"])
-    assert parity.main(cfg) == 1
+    assert parity.main(cfg, job_for(cfg)) == 1
     out = capsys.readouterr().out
     assert "optimizer.adam_beta2" in out and "1 of" in out and "differ" in out
     assert "backend.extra" in out  # the note that the raw flags apply to one side only
     cfg = compose(["parallel.dp=1"])
-    assert parity.main(cfg) == 0
+    assert parity.main(cfg, job_for(cfg)) == 0
     assert "parity: all" in capsys.readouterr().out
 
 
@@ -281,8 +283,8 @@ def test_translation_restores_global_state():
 
 
 def test_mlm_parse_leaves_global_args_untouched_and_is_deterministic():
-    a = backends.get("mlm").native_config(compose(["parallel.dp=1"]), None, world_size=1)
-    b = backends.get("mlm").native_config(compose(["parallel.dp=1"]), None, world_size=1)
+    a = native("mlm", compose(["parallel.dp=1"]))
+    b = native("mlm", compose(["parallel.dp=1"]))
     assert a.argv == b.argv and vars(a.args) == vars(b.args)
 
 

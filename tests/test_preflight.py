@@ -9,7 +9,7 @@ import sys
 
 from ut_helpers import run_cli, subprocess_env
 
-from unified_train import launch
+from unified_train.runtime import env
 
 
 def test_two_spawned_ranks_report_and_summarize(tmp_path):
@@ -23,7 +23,7 @@ def test_two_spawned_ranks_report_and_summarize(tmp_path):
     assert all(r["all_reduce_ok"] and r["parity_differences"] == [] and r["parity_fields"] > 400 for r in reports)
     # Every spawned rank runs with NVLink multicast off (NCCL, torch symmetric memory, NVSHMEM) and the rest of
     # the job environment, whatever the parent shell had.
-    assert all(r["process_env"] == launch.BASE_ENV for r in reports)
+    assert all(r["process_env"] == env.BASE_ENV for r in reports)
     assert reports[0]["process_env"]["NCCL_NVLS_ENABLE"] == "0"
     summary = json.loads((run_dir / "preflight" / "summary.json").read_text())
     assert summary["ok"] is True and summary["devices"] == ["cpu"]

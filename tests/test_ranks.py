@@ -6,13 +6,13 @@ import json
 
 from ut_helpers import compose
 
-from unified_train import ranks
+from unified_train.runtime import ranks
 
 
 def test_two_ranks_start_rendezvous_and_all_reduce(tmp_path):
     cfg = compose(["parallel.dp=2"])
-    ranks.spawn(cfg, str(tmp_path), world_size=2, entry=ranks.rendezvous_probe)
-    reports = [json.loads((tmp_path / f"rank_{r}.json").read_text()) for r in range(2)]
+    ranks.spawn(cfg, 2, ranks.rendezvous_probe, str(tmp_path))
+    reports = [json.loads((tmp_path / "preflight" / f"rank_{r}.json").read_text()) for r in range(2)]
     assert sorted(r["rank"] for r in reports) == [0, 1]
     assert all(r["world_size"] == 2 and r["all_reduce_ok"] for r in reports)
     assert sorted(r["local_rank"] for r in reports) == [0, 1]
@@ -23,10 +23,10 @@ def _dataloader_in_spawned_child(queue):
 
     import torch
 
-    from unified_train import launch
+    from unified_train.runtime import ranks
 
     inherited = mp.get_start_method()
-    launch.as_fresh_interpreter()
+    ranks.as_fresh_interpreter()
 
     def worker_init_fn(_):  # a local function, like MLM's own: only a forked worker can receive it
         pass

@@ -15,8 +15,8 @@ from unittest import mock
 import pytest
 from ut_helpers import REPO, run_cli, subprocess_env
 
-from unified_train import ranks
-from unified_train.ranks import RANK_VARIABLES
+from unified_train.runtime import ranks
+from unified_train.runtime.ranks import RANK_VARIABLES
 
 LOCAL_SLURM = REPO / "scripts" / "local_slurm.sh"
 # A CPU-only cluster: no GPU is requested, and the job's two tasks are its two ranks (gloo).

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from unified_train.ranks import RANK_VARIABLES
+from unified_train.runtime.ranks import RANK_VARIABLES
 
 REPO = Path(__file__).resolve().parent.parent
 CONF = REPO / "conf"
@@ -16,15 +15,16 @@ PRESETS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 LOSSES = [10.375, 10.25, 9.9921875, 9.75, 9.5]
 
 
-def write_run_dir(directory, backend, pair_id="p123", losses=LOSSES, complete=True):
+def write_run_dir(directory, backend, pair_id="p123", losses=LOSSES, complete=True, attention=""):
     """A run directory as a finished training job leaves it (run.json, metrics.jsonl, summary.json), written by
     the real metrics sink."""
-    from unified_train import tracking
+    from unified_train import rundir
+    from unified_train.results import metrics
 
     directory.mkdir(parents=True)
-    (directory / "run.json").write_text(json.dumps({"backend": backend, "pair_id": pair_id, "model": "vanilla_gpt",
-                                                    "tp": 1, "pp": 1, "world_size": 1}))
-    sink = tracking.MetricsSink(str(directory), backend=backend, tokens_per_iteration=16384, world_size=1,
+    rundir.write_identity(rundir.JobIdentity(backend=backend, model="vanilla_gpt", tp=1, pp=1, world_size=1,
+                                             pair_id=pair_id, attention=attention, run_dir=str(directory)))
+    sink = metrics.MetricsSink(str(directory), backend=backend, tokens_per_iteration=16384, world_size=1,
                                 write=True)
     for it, loss in enumerate(losses, start=1):
         sink.record_train(it, loss=loss, grad_norm=2.0 / it, lr=3e-4 * min(1, it) / it, seconds=0.1)
@@ -37,9 +37,31 @@ def write_run_dir(directory, backend, pair_id="p123", losses=LOSSES, complete=Tr
 
 def compose(overrides=()):
     """The real config, composed from conf/ against the registered schema."""
-    from unified_train import sweep
+    from unified_train.compose import compose as compose_config
 
-    return sweep._compose(None, "config", list(overrides))
+    return compose_config(overrides)
+
+
+def job_for(cfg, run_dir=None, sweep_id="single"):
+    """The job identity app.run computes for `cfg` (world size from the config and this process)."""
+    from unified_train import resources, rundir
+
+    return rundir.identity(cfg, world_size=resources.world_size(cfg), sweep_id=sweep_id,
+                           run_dir=None if run_dir is None else str(run_dir))
+
+
+def native(backend: str, cfg, run_dir=None):
+    """One stack's native config of `cfg`, as a job would build it."""
+    from unified_train import backends
+
+    return backends.get(backend).native_config(cfg, job_for(cfg, run_dir))
+
+
+def describe_both(cfg) -> dict[str, dict]:
+    """Both stacks' comparable descriptions of `cfg` (what mode=parity diffs)."""
+    from unified_train.modes import parity
+
+    return parity.describe_both(cfg, job_for(cfg))
 
 
 def subprocess_env() -> dict:
@@ -67,16 +89,16 @@ def run_python(code: str, cwd, timeout=300, args=(), env=None) -> subprocess.Com
 def offline_wandb_run(cfg, run_dir, sweep_id: str, losses=(9.0, 8.0, 7.0), unified=None) -> None:
     """A real offline wandb run in `run_dir/wandb`, started the way both stacks start theirs (their own
     `wandb.init`, with our grouping in the environment) and logging `lm loss` / `grad-norm` per step."""
-    from unified_train import tracking
+    from unified_train.results import wandb_runs
 
-    env = {k: v for k, v in tracking.wandb_env(cfg, str(run_dir), sweep_id).items() if v is not None}
+    env = {k: v for k, v in wandb_runs.wandb_env(cfg, job_for(cfg, run_dir, sweep_id)).items() if v is not None}
     os.makedirs(env["WANDB_DIR"], exist_ok=True)
     code = (
         "import sys, wandb\n"
-        "from unified_train import tracking\n"
+        "from unified_train.results import wandb_runs\n"
         "run = wandb.init(dir=sys.argv[1], name='n', project='unified_train', config={'native': 1})\n"
         "for i, loss in enumerate(eval(sys.argv[2]), 1): wandb.log({'lm loss': loss, 'grad-norm': 1.0 / i}, step=i)\n"
-        "tracking.add_unified_config(eval(sys.argv[3]))\n"
+        "wandb_runs.add_unified_config(eval(sys.argv[3]))\n"
         "wandb.finish()\n"
     )
     proc = subprocess.run([sys.executable, "-c", code, env["WANDB_DIR"], repr(list(losses)), repr(unified or {})],

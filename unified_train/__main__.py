@@ -1,7 +1,7 @@
 """`python -m unified_train [overrides]`: one Hydra config, either Megatron stack, in-process.
 
 Every job of the command line is composed and checked first (no torch, no megatron, nothing written); problems
-are printed one per line and the exit code is 2. Then Hydra runs the job(s) through `launch.run`.
+are printed one per line and the exit code is 2. Then Hydra runs the job(s) through `app.run`.
 """
 
 from __future__ import annotations
@@ -21,9 +21,9 @@ _INSPECT_FLAGS = ("-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info",
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def _hydra_main(cfg) -> None:
-    from unified_train import launch
+    from unified_train import app
 
-    launch.run(cfg)
+    app.run(cfg)
 
 
 def main() -> None:
@@ -37,11 +37,11 @@ def main() -> None:
         argv = [a for a in argv if a != "--dry-run"]
         sys.argv = sys.argv[:1] + argv
     if not any(a.split("=")[0] in _INSPECT_FLAGS for a in argv):
-        from unified_train import sweep
+        from unified_train import validate
 
-        points, errors = sweep.validate(argv)
+        points, errors = validate.validate(argv)
         if dry_run:
-            print(sweep.dry_run_table(points))
+            print(validate.dry_run_table(points))
         if errors:
             for line in errors:
                 print(f"unified_train: {line}", file=sys.stderr)

@@ -63,7 +63,7 @@ def _placeholder(owner: str, name: str, package: str) -> type:
     return _AbsentType(name, (), {"__new__": refuse, "__module__": owner, "_package": package})
 
 
-class _Absent(types.ModuleType):
+class AbsentModule(types.ModuleType):
     """A module stand-in for a package that is not installed.
 
     Attribute access yields placeholder classes (so annotations, subclassing and `isinstance` checks work)
@@ -72,7 +72,7 @@ class _Absent(types.ModuleType):
 
     def __init__(self, name: str, package: str):
         super().__init__(name)
-        self.__path__ = []  # lets `import name.sub` resolve through _AbsentFinder
+        self.__path__ = []  # lets `import name.sub` resolve through AbsentFinder
         self._package = package
 
     def __getattr__(self, attr: str):
@@ -110,8 +110,8 @@ class _AfterImport(importlib.abc.Loader):
         self._hook(module)
 
 
-class _AbsentFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Provides `_Absent` placeholders for a missing top-level package and its submodules."""
+class AbsentFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Provides `AbsentModule` placeholders for a missing top-level package and its submodules."""
 
     def __init__(self, root: str, package: str):
         self._root, self._package = root, package
@@ -122,13 +122,13 @@ class _AbsentFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None
 
     def create_module(self, spec):
-        return _Absent(spec.name, self._package)
+        return AbsentModule(spec.name, self._package)
 
     def exec_module(self, module):
         pass
 
 
-class _CompatFinder(importlib.abc.MetaPathFinder):
+class CompatFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
         if fullname not in (_LORA_MODULE, _DATASET_UTILS):
             return None
@@ -144,8 +144,8 @@ class _CompatFinder(importlib.abc.MetaPathFinder):
         return spec
 
 
-def absent_transformer_engine() -> _Absent:
-    return _Absent("transformer_engine.pytorch", "Transformer Engine (pip install 'unified-train[te]')")
+def absent_transformer_engine() -> AbsentModule:
+    return AbsentModule("transformer_engine.pytorch", "Transformer Engine (pip install 'unified-train[te]')")
 
 
 def _patch_compile_helpers(utils_module) -> None:
@@ -163,8 +163,8 @@ def _patch_compile_helpers(utils_module) -> None:
 
 def install() -> None:
     """Register the import hooks (idempotent, imports nothing heavy)."""
-    if any(isinstance(f, _CompatFinder) for f in sys.meta_path):
+    if any(isinstance(f, CompatFinder) for f in sys.meta_path):
         return
-    sys.meta_path.insert(0, _CompatFinder())
+    sys.meta_path.insert(0, CompatFinder())
     # Last on the path: only asked when no real megatron.energon was found, so nothing is probed here.
-    sys.meta_path.append(_AbsentFinder("megatron.energon", "megatron-energon"))
+    sys.meta_path.append(AbsentFinder("megatron.energon", "megatron-energon"))

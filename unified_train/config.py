@@ -2,20 +2,31 @@
 
 One field per concept. Each knob that both stacks must agree on lives here exactly once; the backend adapters
 translate it into their native places (see `mcore_fields.py`). Defaults reproduce Megatron-Bridge's
-`vanilla_gpt_pretrain_config` numerics on both backends. No heavy imports in this module.
+`vanilla_gpt_pretrain_config` numerics on both backends. A field with a closed set of values declares it beside
+the field (`one_of`); `choices()` collects them for the up-front checks. No heavy imports in this module.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Optional
 
 from omegaconf import MISSING
 
+BACKEND_NAMES = ("mlm", "bridge")
+MODES = ("train", "parity", "export", "preflight")
+
+
+def one_of(*allowed: str, default: str | None = None):
+    """A string field whose value must be one of `allowed` (the first, unless `default` says otherwise); the
+    up-front checks read the allowed values from here (`choices`)."""
+    return field(default=allowed[0] if default is None else default, metadata={"choices": allowed})
+
 
 @dataclass
 class BackendConfig:
-    name: str = MISSING  # "mlm" | "bridge"; chosen by the `backend` config group
+    name: str = one_of(*BACKEND_NAMES, default=MISSING)  # chosen by the `backend` config group
     # Raw native settings appended after the translated ones (MLM flags, or Bridge `a.b=c` overrides).
     # They bypass the parity guarantee, so the parity diff reports them.
     extra: list[str] = field(default_factory=list)
@@ -36,14 +47,14 @@ class ModelConfig:
     make_vocab_size_divisible_by: int = 128
     # Learned position table size. None: train.seq_length (Bridge always sizes it from the sequence length).
     max_position_embeddings: Optional[int] = None
-    position_embedding_type: str = "learned_absolute"  # learned_absolute | rope | none
+    position_embedding_type: str = one_of("learned_absolute", "rope", "none")
     rotary_base: int = 10000
     rotary_percent: float = 1.0
     rope_scaling: bool = False  # Llama-3.1-style frequency scaling
     rope_scaling_factor: float = 8.0
-    normalization: str = "LayerNorm"  # LayerNorm | RMSNorm
+    normalization: str = one_of("LayerNorm", "RMSNorm")
     norm_epsilon: float = 1e-5
-    activation: str = "gelu"  # gelu | swiglu
+    activation: str = one_of("gelu", "swiglu")
     add_bias_linear: bool = True
     add_qkv_bias: bool = False
     qk_layernorm: bool = False
@@ -81,8 +92,14 @@ class KernelsConfig:
     """Implementation choices that change numerics. Set once here, translated to both stacks."""
 
     # auto: Transformer Engine spec when `transformer_engine` imports, otherwise the local (torch) spec.
-    transformer_impl: str = "auto"  # auto | local | transformer_engine
-    attention_backend: str = "auto"  # auto | local | unfused | fused | flash
+    transformer_impl: str = one_of("auto", "local", "transformer_engine")
+    # The core attention (softmax(QK^T)V) both stacks build: local = megatron-core's unfused DotProductAttention
+    # (materialises the s x s scores), flex = torch flex_attention (compiled, deterministic), sdpa = torch SDPA
+    # (cuDNN/flash; fastest, backward not deterministic), te = Transformer Engine's. auto: te with TE's spec,
+    # otherwise flex where the config allows it (attention_dropout_blockers), else local. See kernels/attention.py.
+    attention: str = one_of("auto", "local", "flex", "sdpa", "te")
+    # megatron-core's AttnBackend: which of TE's kernels its attention uses (only with kernels.attention=te).
+    attention_backend: str = one_of("auto", "local", "unfused", "fused", "flash")
     # Bridge vanilla values. MLM's CLI defaults differ (fused tanh-GeLU, fused bias-dropout, unfused CE).
     bias_activation_fusion: bool = False
     bias_dropout_fusion: bool = False
@@ -132,7 +149,7 @@ class OptimConfig:
 
 @dataclass
 class SchedConfig:
-    lr_decay_style: str = "cosine"  # constant | linear | cosine | inverse-square-root | WSD
+    lr_decay_style: str = one_of("constant", "linear", "cosine", "inverse-square-root", "WSD", default="cosine")
     # None: min(500, max(1, train.iters // 10)) -- Bridge's 500 when the run is long enough, else 10%.
     lr_warmup_iters: Optional[int] = None
     lr_decay_iters: Optional[int] = None  # None: train.iters
@@ -141,17 +158,17 @@ class SchedConfig:
 
 @dataclass
 class DataConfig:
-    type: str = "mock"  # mock | indexed
+    type: str = one_of("mock", "indexed")
     data_path: list[str] = field(default_factory=list)  # indexed: "[weight] prefix" entries of .bin/.idx pairs
     split: str = "9999,8,2"  # indexed only; mock data is always split 1,1,1 by MCore
-    tokenizer_type: str = "NullTokenizer"  # NullTokenizer | HuggingFaceTokenizer
+    tokenizer_type: str = one_of("NullTokenizer", "HuggingFaceTokenizer")
     tokenizer_model: Optional[str] = None  # HuggingFaceTokenizer: a local path
     seed: Optional[int] = None  # None: rng.seed
     num_workers: int = 2
     # single: a sequential pass (both stacks' default for training). cyclic: the epoch-seeded random sampler, which
     # both stacks share; Bridge always validates GPT data with it, so only `cyclic` gives both backends the same
     # validation samples (with `single`, MLM validates sequentially and the validation losses differ).
-    dataloader_type: str = "single"
+    dataloader_type: str = one_of("single", "cyclic")
     reset_position_ids: bool = False
     reset_attention_mask: bool = False
     eod_mask_loss: bool = False
@@ -159,7 +176,7 @@ class DataConfig:
 
 @dataclass
 class PrecisionConfig:
-    dtype: str = "bf16"  # bf16 | fp16 | fp32
+    dtype: str = one_of("bf16", "fp16", "fp32")
     grad_reduce_in_fp32: bool = True
 
 
@@ -206,7 +223,7 @@ class DeterminismConfig:
 
 @dataclass
 class LaunchConfig:
-    isolation: str = "inprocess"  # inprocess | process (a fresh worker process per job)
+    isolation: str = one_of("inprocess", "process")  # process: a fresh worker process per job
 
 
 @dataclass
@@ -226,8 +243,20 @@ class UnifiedConfig:
     rng: RngConfig = field(default_factory=RngConfig)
     determinism: DeterminismConfig = field(default_factory=DeterminismConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
-    mode: str = "train"  # train | parity | export | preflight
+    mode: str = one_of(*MODES)
     run_dir: Optional[str] = None  # None: the Hydra job directory
+
+
+def choices(schema=None, prefix: str = "") -> dict[str, tuple[str, ...]]:
+    """Every `one_of` field of the schema as {dotted key: allowed values}."""
+    out = {}
+    for f in dataclasses.fields(schema or UnifiedConfig):
+        key = f"{prefix}{f.name}"
+        if "choices" in f.metadata:
+            out[key] = f.metadata["choices"]
+        elif f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory):
+            out.update(choices(f.default_factory, f"{key}."))
+    return out
 
 
 def register_configs() -> None:
@@ -268,3 +297,45 @@ def position_table_size(cfg) -> int:
 def ffn_hidden_size(cfg) -> int:
     m = cfg.model
     return m.ffn_hidden_size if m.ffn_hidden_size is not None else 4 * m.hidden_size
+
+
+def transformer_impl(cfg) -> str:
+    """The layer spec both stacks build: kernels.transformer_impl, with auto resolved by what is installed."""
+    import importlib.util
+
+    impl = cfg.kernels.transformer_impl
+    if impl != "auto":
+        return impl
+    return "transformer_engine" if importlib.util.find_spec("transformer_engine") else "local"
+
+
+def our_attention_blockers(cfg) -> list[str]:
+    """What keeps our own core attention (flex, sdpa) from this config, one `key=value: why; fix` each. The
+    kernels implement causal self-attention on whole sequences, in the local layer spec."""
+    m, p, d = cfg.model, cfg.parallel, cfg.data
+    out = []
+    if m.attention_dropout > 0:
+        out.append(f"model.attention_dropout={m.attention_dropout}: flex and sdpa cannot drop attention "
+                   "probabilities; set model.attention_dropout=0.0")
+    if p.cp > 1:
+        out.append(f"parallel.cp={p.cp}: our core attention has no context-parallel exchange; set parallel.cp=1")
+    if d.reset_attention_mask:
+        out.append("data.reset_attention_mask=true: per-document masks need kernels.attention=local")
+    if cfg.kernels.attention_backend == "local":
+        # Both model builders then write DotProductAttention back over the spec's core attention.
+        out.append("kernels.attention_backend=local: it selects megatron-core's DotProductAttention; set "
+                   "kernels.attention_backend=auto")
+    if transformer_impl(cfg) == "transformer_engine":
+        out.append("kernels.transformer_impl resolves to transformer_engine: flex and sdpa run in the local layer "
+                   "spec; set kernels.transformer_impl=local or kernels.attention=te")
+    return out
+
+
+def attention(cfg) -> str:
+    """The core attention a job runs (never auto): what run.json records and both adapters build."""
+    choice = cfg.kernels.attention
+    if choice != "auto":
+        return choice
+    if transformer_impl(cfg) == "transformer_engine":
+        return "te"
+    return "local" if our_attention_blockers(cfg) else "flex"

@@ -79,7 +79,7 @@ def problems(cfg) -> list[str]:
             out.append(f"data.data_path: {exc}")
             continue
         # MCore's own rounding of the split bounds (BlendedMegatronDatasetBuilder).
-        empty = [name for name, (begin, end), needed in zip(_SPLITS, bounds, drawn_from)
+        empty = [name for name, (begin, end), needed in zip(_SPLITS, bounds, drawn_from, strict=True)
                  if needed and end > begin and round(end * n) == round(begin * n)]
         if empty:
             fix = " or set validation.eval_iters=0" if "train" not in empty else ""

@@ -8,18 +8,8 @@ its stack (flags for MLM, attributes for Bridge). Values are plain Python (names
 
 from __future__ import annotations
 
-import importlib.util
-import os
-
 from unified_train import config as C
-from unified_train import datafiles
-
-
-def resolved_transformer_impl(cfg) -> str:
-    impl = cfg.kernels.transformer_impl
-    if impl != "auto":
-        return impl
-    return "transformer_engine" if importlib.util.find_spec("transformer_engine") else "local"
+from unified_train import datafiles, rundir
 
 
 def moe_layer_pattern(cfg) -> list[int] | None:
@@ -76,7 +66,7 @@ def transformer(cfg) -> dict:
         # The interleaved (virtual-pipeline) schedule overlaps its P2P transfers; MLM derives both from vpp.
         overlap_p2p_comm=p.vpp is not None,
         batch_p2p_comm=p.vpp is None,
-        transformer_impl=resolved_transformer_impl(cfg),
+        transformer_impl=C.transformer_impl(cfg),
         attention_backend=k.attention_backend,
         # Without a bias there is nothing to fuse; MLM forces this off by itself, Bridge does not.
         bias_activation_fusion=k.bias_activation_fusion and m.add_bias_linear,
@@ -219,18 +209,24 @@ def rng(cfg) -> dict:
     return dict(seed=cfg.rng.seed)
 
 
-def logger(cfg, run_dir: str | None) -> dict:
+def logger(cfg, job: rundir.JobIdentity) -> dict:
     """LoggerConfig fields (MLM flags and Bridge's LoggerConfig share the names). W&B grouping (group = pair id,
-    job_type = backend, tags) travels in the environment both stacks' `wandb.init` reads: see tracking.py."""
-    from unified_train import tracking
-
+    job_type = backend, tags) travels in the environment both stacks' `wandb.init` reads: see results/wandb_runs.py."""
     out = dict(log_interval=cfg.logger.log_interval, tensorboard_dir=None, wandb_project=None,
                wandb_exp_name=None, wandb_save_dir=None, wandb_entity=None)
-    if run_dir is None:
+    if job.run_dir is None:
         return out
     if cfg.logger.tensorboard:
-        out["tensorboard_dir"] = os.path.join(run_dir, "tensorboard")
+        out["tensorboard_dir"] = job.subdir(rundir.TENSORBOARD)
     if cfg.logger.wandb.enabled:
-        out.update(wandb_project=cfg.logger.wandb.project, wandb_exp_name=tracking.run_name(cfg),
-                   wandb_save_dir=os.path.join(run_dir, "wandb"), wandb_entity=cfg.logger.wandb.entity)
+        out.update(wandb_project=cfg.logger.wandb.project, wandb_exp_name=job.run_name,
+                   wandb_save_dir=job.subdir(rundir.WANDB_DIR), wandb_entity=cfg.logger.wandb.entity)
     return out
+
+
+def checkpoint(cfg, job: rundir.JobIdentity) -> dict:
+    """CheckpointConfig fields: saved into the run directory (at the end unless an interval is set), loaded only
+    when checkpoint.load names a checkpoint."""
+    save = job.subdir(rundir.CHECKPOINTS) if cfg.checkpoint.save else None
+    return dict(save=save, save_interval=cfg.checkpoint.save_interval or cfg.train.iters,
+                ckpt_format=cfg.checkpoint.format, load=cfg.checkpoint.load)

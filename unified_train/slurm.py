@@ -1,7 +1,7 @@
 """hydra/launcher=slurm on the submitting host: the checks and the sbatch preview, before anything is submitted.
 
 The launcher itself is hydra-submitit-launcher's (conf/hydra/launcher/slurm.yaml): every sweep point becomes one
-element of a Slurm job array and every Slurm task is one rank. Inside the job, `ranks.adopt_slurm_ranks` turns
+element of a Slurm job array and every Slurm task is one rank. Inside the job, `runtime.ranks.adopt_slurm_ranks` turns
 the Slurm environment into torch's rank variables.
 """
 
@@ -10,6 +10,8 @@ from __future__ import annotations
 import shlex
 import sys
 from pathlib import Path
+
+from unified_train import resources
 
 SLURM_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
 
@@ -24,12 +26,10 @@ NEEDS_GPUS_PER_NODE = ("parallel.gpus_per_node is unset: hydra/launcher=slurm st
 
 def check(cfg, launcher: dict) -> list[str]:
     """The job's world size must be the Slurm job's task count (nodes x tasks per node)."""
-    from unified_train import plan
-
     if cfg.parallel.gpus_per_node is None:
         return [NEEDS_GPUS_PER_NODE]
     tasks = launcher["nodes"] * launcher["tasks_per_node"]
-    world = plan.world_size(cfg)
+    world = resources.world_size(cfg)
     if world != tasks:
         return [f"parallel.tp*pp*cp*dp = {world} ranks but the Slurm job has {launcher['nodes']} node(s) x "
                 f"{launcher['tasks_per_node']} tasks = {tasks}: set parallel.dp=null (all GPUs) or match "

@@ -2,11 +2,9 @@
 
     python -m pytest tests/gpu -m gpu -s
 
-Each test starts `python -m unified_train` as a user would and judges only the files the runs wrote. Before
-launch._pin_compiler_determinism kept inductor's deterministic mode for every compile, inductor chose most
-reduction kernels by timing them: pairs were bitwise in most runs, but now and then one half's iteration-1 loss
-or grad norm came out an ulp-sized step off (more often with several runs sharing the GPU), and a choice cached on
-disk by an earlier process carried over to later ones.
+Each test starts `python -m unified_train` as a user would and judges only the files the runs wrote. Pairs are
+bitwise only while inductor's deterministic mode holds for every compile (runtime.env.pin_compiler_determinism);
+otherwise it picks reduction kernels by timing them, and one half's iteration-1 loss can come out an ulp off.
 """
 
 from __future__ import annotations
@@ -19,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from unified_train import compare
+from unified_train.results import compare
 
 pytestmark = pytest.mark.gpu
 
@@ -137,12 +135,12 @@ def test_bridge_first_in_one_process_changes_nothing(default_pair, tmp_path):
 
 def test_both_stacks_log_the_pair_to_wandb(default_sweep, default_pair):
     """The offline W&B runs the stacks wrote, read back: grouping, tags, and every iteration's lm loss."""
-    from unified_train import tracking
+    from unified_train.results import wandb_runs
 
     lines = []
     for backend, job_dir in _job_dirs(default_sweep).items():
         info = json.loads((job_dir / "run.json").read_text())
-        run = tracking.read_offline_run(str(job_dir / "wandb"))
+        run = wandb_runs.read_offline_run(str(job_dir / "wandb"))
         assert (run["group"], run["job_type"]) == (info["pair_id"], backend)
         assert run["tags"] == ["vanilla_gpt", "tp1", "pp1", f"sweep:{default_sweep.name}"]
         assert run["config"]["unified"]["backend"]["name"] == backend
@@ -216,3 +214,42 @@ def test_cyclic_sampler_aligns_validation_and_test_losses(tmp_path):
         assert summaries["mlm"][key] == summaries["bridge"][key], (key, summaries)
     _publish("cyclic sampler: validation", f"val_loss@{len(runs['mlm'])} {runs['mlm'][-1]['val_loss']!r} (both); "
              + ", ".join(f"{k} {summaries['mlm'][k]!r} / {summaries['bridge'][k]!r}" for k in ("final_valid_loss", "test_loss")))
+
+
+def _attention(sweep: Path) -> dict[str, str]:
+    return {b: json.loads((d / "run.json").read_text())["attention"] for b, d in _job_dirs(sweep).items()}
+
+
+def test_llama_pair_on_flex_attention_is_bitwise(tmp_path):
+    """kernels.attention resolves to flex for llama (no attention dropout): both stacks build our FlexAttention
+    and the pair stays bitwise."""
+    runs = _pair(tmp_path, "llama_flex", "model=llama32_1b", "model.num_layers=2", "kernels.attention=flex")
+    assert _attention(tmp_path / "llama_flex") == {"mlm": "flex", "bridge": "flex"}
+    _assert_bitwise(runs["mlm"], runs["bridge"])
+
+
+def test_deepseek_v2_lite_pair_trains_and_is_bitwise_under_strict_determinism(tmp_path):
+    """Multi-latent attention (on flex: megatron-core's local attention cannot build it) and MoE (a dense first
+    layer, 64 experts after it): both stacks train it, bitwise once MoE dispatch is deterministic."""
+    runs = _pair(tmp_path, "deepseek_strict", "model=deepseek_v2_lite", "model.num_layers=4", "determinism=strict")
+    assert _attention(tmp_path / "deepseek_strict") == {"mlm": "flex", "bridge": "flex"}
+    _assert_bitwise(runs["mlm"], runs["bridge"])
+    losses = _series(runs["mlm"], "lm loss")
+    assert losses[-1] < losses[0]  # it learns
+
+
+def test_flex_agrees_with_local_attention_over_50_iterations(tmp_path):
+    """The kernel is right, not only self-consistent: 50 iterations of a llama-style model on flex and on
+    megatron-core's own DotProductAttention pass the statistical gate against each other."""
+    sweep = tmp_path / "flex_vs_local"
+    _run(["-m", "backend=mlm", "kernels.attention=flex,local", "model=llama32_1b", "model.num_layers=2",
+          "train.iters=50", f"hydra.sweep.dir={sweep}", *QUIET], tmp_path / "flex_vs_local.log")
+    runs = {json.loads(p.read_text())["attention"]: _metrics(p.parent) for p in sweep.rglob("run.json")}
+    local, flex = (dict(zip(_series(runs[k], "iteration"), _series(runs[k], "lm loss"), strict=True))
+                   for k in ("local", "flex"))
+    ok, detail = compare.statistical(local, flex)
+    golden_ok, golden_detail = compare.golden(local, flex)
+    _publish("flex vs local, 50 iterations", f"statistical: {detail}; golden: {golden_detail}; "
+             f"final lm loss local {local[50]!r}, flex {flex[50]!r}")
+    assert ok, detail
+    assert golden_ok, golden_detail

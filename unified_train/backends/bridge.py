@@ -12,10 +12,19 @@ import os
 import time
 from dataclasses import dataclass
 
-from unified_train import compat, mcore_fields
-from unified_train.backends import common
+from unified_train import compat, config, mcore_fields
+from unified_train.backends import process_state
+from unified_train.backends.describe import (
+    DATASET_FIELDS,
+    GPT_FIELDS,
+    dataclass_fields,
+    flatten,
+    plain,
+    schedule_trace,
+)
+from unified_train.rundir import JobIdentity
 
-name = "bridge"
+NAME = "bridge"
 
 _PRECISION_PRESET = {"bf16": "bf16_mixed", "fp16": "fp16_mixed", "fp32": None}
 
@@ -27,29 +36,12 @@ class Native:
     overrides: list[str]
 
 
-class _SpecView:
-    """Presents a Bridge provider as the GPTModelConfig MLM's spec selection reads."""
-
-    restore_modelopt_state = False
-    use_arbitrary_attention_mask = None
-    use_transformer_engine_op_fuser = False
-
-    def __init__(self, transformer):
-        self.transformer = transformer
-
-
-def layer_spec(config, vp_stage=None):
-    """MLM's own layer-spec selection (TE or local, dense or MoE block, MLA), so both stacks build the same
-    modules. Bridge's `local_layer_spec` ignores MLA and the dense/MoE layer pattern."""
-    from megatron.training.models.gpt import default_layer_spec
-
-    return default_layer_spec(_SpecView(config), vp_stage)
-
-
 def _model_provider(cfg):
     import torch.nn.functional as F
     from megatron.bridge.models.gpt_provider import GPTModelProvider
     from megatron.bridge.models.mla_provider import MLAModelProvider
+
+    from unified_train.kernels import spec
 
     fields = mcore_fields.transformer(cfg)
     fields["activation_func"] = {"gelu": F.gelu, "silu": F.silu}[fields.pop("activation")]
@@ -58,7 +50,9 @@ def _model_provider(cfg):
     gpt.pop("vocab_size")  # Bridge takes it from the tokenizer and pads it like MLM (calculate_padded_vocab_size)
     cls = MLAModelProvider if fields.get("multi_latent_attention") else GPTModelProvider
     provider = cls(**fields, **gpt, virtual_pipeline_model_parallel_size=vpp)
-    provider.transformer_layer_spec = layer_spec
+    # The same spec function MLM gets through --spec: MLM's own spec selection (dense or MoE block, MLA), with
+    # the unified core attention. Bridge's `local_layer_spec` ignores MLA and the dense/MoE layer pattern.
+    provider.transformer_layer_spec = spec.SPEC_FUNCTIONS[config.attention(cfg)]
     if cfg.precision.dtype == "fp32":
         import torch
 
@@ -67,7 +61,7 @@ def _model_provider(cfg):
     return provider
 
 
-def build_container(cfg, run_dir: str | None):
+def build_container(cfg, job: JobIdentity):
     """A ConfigContainer equivalent to the unified config (before runtime_config_update)."""
     from megatron.bridge.training.config import (
         CheckpointConfig,
@@ -90,7 +84,6 @@ def build_container(cfg, run_dir: str | None):
     optim = mcore_fields.optimizer(cfg)
     dtype = cfg.precision.dtype
     tok = mcore_fields.tokenizer(cfg)
-    save = os.path.join(run_dir, "checkpoints") if (run_dir and cfg.checkpoint.save) else None
     container = ConfigContainer(
         model=_model_provider(cfg),
         train=TrainingConfig(**mcore_fields.training(cfg)),
@@ -113,13 +106,12 @@ def build_container(cfg, run_dir: str | None):
             create_attention_mask=False,
         ),
         logger=LoggerConfig(
-            **mcore_fields.logger(cfg, run_dir),
+            **mcore_fields.logger(cfg, job),
             filter_warnings=False,  # the default filter silences WARNING on every existing logger, ours too
         ),
         tokenizer=TokenizerConfig(tokenizer_type=tok["tokenizer_type"], vocab_size=tok["vocab_size"],
                                   tokenizer_model=tok["tokenizer_model"]),
-        checkpoint=CheckpointConfig(save=save, save_interval=cfg.checkpoint.save_interval or cfg.train.iters,
-                                    ckpt_format=cfg.checkpoint.format, load=cfg.checkpoint.load),
+        checkpoint=CheckpointConfig(**mcore_fields.checkpoint(cfg, job)),
         rng=RNGConfig(**mcore_fields.rng(cfg)),
         dist=DistributedInitConfig(),
         mixed_precision=_PRECISION_PRESET[dtype],
@@ -135,49 +127,6 @@ def _apply_overrides(container, overrides: list[str]) -> None:
         process_config_with_overrides(container, cli_overrides=list(overrides))
 
 
-def native_config(cfg, run_dir: str | None = None, world_size: int | None = None) -> Native:
-    compat.install()
-    from megatron.bridge.training.config import runtime_config_update
-
-    from unified_train import plan
-
-    world_size = world_size or plan.world_size(cfg)
-    container = build_container(cfg, run_dir)
-    extra = list(cfg.backend.extra) if cfg.backend.name == name else []
-    _apply_overrides(container, extra)
-    with common.world(world_size), common.quiet():
-        runtime_config_update(container)
-    return Native(container=container, world_size=world_size, overrides=extra)
-
-
-def describe(native: Native) -> dict[str, object]:
-    from megatron.bridge.training.optim import _get_scheduler
-    from megatron.core.distributed import DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig
-    from megatron.core.transformer import MLATransformerConfig, TransformerConfig
-
-    c = native.container
-    m = c.model
-    tc_cls = MLATransformerConfig if isinstance(m, MLATransformerConfig) else TransformerConfig
-    out = common.flatten("transformer", m, common.dataclass_fields(tc_cls))
-    out.update(common.flatten("gpt", m, _GPT_FIELDS))
-    out["gpt.vocab_size"] = _embedding_rows(c)
-    out.update(common.flatten("optimizer", c.optimizer, common.dataclass_fields(OptimizerConfig)))
-    out.update(common.flatten("ddp", c.ddp, common.dataclass_fields(DistributedDataParallelConfig)))
-    out.update(common.flatten("dataset", c.dataset, _DATASET_FIELDS))
-    out["dataset.sequence_length"] = c.dataset.seq_length
-    out.update({"train.train_iters": c.train.train_iters, "train.micro_batch_size": c.train.micro_batch_size,
-                "train.global_batch_size": c.train.global_batch_size, "train.seq_length": c.dataset.seq_length,
-                "validation.eval_interval": c.validation.eval_interval, "validation.eval_iters": c.validation.eval_iters,
-                "rng.seed": c.rng.seed, "rng.data_parallel_random_init": c.rng.data_parallel_random_init,
-                "tokenizer.tokenizer_type": c.tokenizer.tokenizer_type, "tokenizer.vocab_size": c.tokenizer.vocab_size,
-                "data.dataloader_type": c.dataset.dataloader_type, "data.data_sharding": c.dataset.data_sharding,
-                "data.num_workers": c.dataset.num_workers})
-    out.update(common.schedule_trace(lambda opt: _get_scheduler(c.optimizer, c.scheduler, opt),
-                                     c.train.train_iters, c.train.global_batch_size))
-    return out
-
-
 def _embedding_rows(c) -> int:
     """The vocabulary Bridge's setup gives the model: the tokenizer's own (a HuggingFace tokenizer ignores the
     unified model.vocab_size), padded like MLM's when it came from the tokenizer (setup's
@@ -186,7 +135,7 @@ def _embedding_rows(c) -> int:
     from megatron.bridge.training.tokenizers.tokenizer import build_tokenizer
     from megatron.training.vocab_utils import calculate_padded_vocab_size
 
-    with common.quiet():
+    with process_state.quiet():
         tokenizer = build_tokenizer(c.tokenizer)
     vocab, pad = _validate_and_set_vocab_size(c.model.vocab_size, tokenizer.vocab_size,
                                               c.tokenizer.use_tokenizer_vocab_size)
@@ -194,14 +143,6 @@ def _embedding_rows(c) -> int:
         return vocab
     return calculate_padded_vocab_size(vocab, c.model.make_vocab_size_divisible_by, c.model.tensor_model_parallel_size,
                                        logging_enabled=False)
-
-
-_GPT_FIELDS = ("seq_length", "position_embedding_type", "rotary_base", "rotary_percent", "rope_scaling",
-               "rope_scaling_factor", "share_embeddings_and_output_weights", "make_vocab_size_divisible_by",
-               "fp16_lm_cross_entropy", "seq_len_interpolation_factor")
-_DATASET_FIELDS = ("random_seed", "blend", "blend_per_split", "split", "split_matrix", "mock",
-                   "reset_position_ids", "reset_attention_mask", "eod_mask_loss", "create_attention_mask",
-                   "add_extra_token_to_sequence", "drop_last_partial_validation_sequence")
 
 
 def run_recipe_overrides(native: Native) -> list[str]:
@@ -259,74 +200,124 @@ _MODEL_OVERRIDE_KEYS = (
 )
 
 
-def export(native: Native) -> list[str]:
-    """The upstream invocation: Bridge's run_recipe.py with Hydra-style overrides."""
-    return ["torchrun", f"--nproc-per-node={native.world_size}", "scripts/training/run_recipe.py",
-            "--recipe", "vanilla_gpt_pretrain_config", *run_recipe_overrides(native), *native.overrides]
+class BridgeBackend:
+    name = NAME
+
+    def native_config(self, cfg, job: JobIdentity) -> Native:
+        compat.install()
+        from megatron.bridge.training.config import runtime_config_update
+
+        container = build_container(cfg, job)
+        extra = list(cfg.backend.extra) if cfg.backend.name == NAME else []
+        _apply_overrides(container, extra)
+        with process_state.world(job.world_size), process_state.quiet():
+            runtime_config_update(container)
+        return Native(container=container, world_size=job.world_size, overrides=extra)
+
+    def describe(self, native: Native) -> dict[str, object]:
+        from megatron.bridge.training.optim import _get_scheduler
+        from megatron.core.distributed import DistributedDataParallelConfig
+        from megatron.core.optimizer import OptimizerConfig
+        from megatron.core.transformer import MLATransformerConfig, TransformerConfig
+
+        from unified_train.kernels.spec import described_core_attention
+
+        c = native.container
+        m = c.model
+        tc_cls = MLATransformerConfig if isinstance(m, MLATransformerConfig) else TransformerConfig
+        out = flatten("transformer", m, dataclass_fields(tc_cls))
+        out.update(flatten("gpt", m, GPT_FIELDS))
+        out["gpt.vocab_size"] = _embedding_rows(c)
+        out["kernels.core_attention"] = plain(described_core_attention(m.transformer_layer_spec, m))
+        out.update(flatten("optimizer", c.optimizer, dataclass_fields(OptimizerConfig)))
+        out.update(flatten("ddp", c.ddp, dataclass_fields(DistributedDataParallelConfig)))
+        out.update(flatten("dataset", c.dataset, DATASET_FIELDS))
+        out["dataset.sequence_length"] = c.dataset.seq_length
+        out.update({"train.train_iters": c.train.train_iters, "train.micro_batch_size": c.train.micro_batch_size,
+                    "train.global_batch_size": c.train.global_batch_size, "train.seq_length": c.dataset.seq_length,
+                    "validation.eval_interval": c.validation.eval_interval, "validation.eval_iters": c.validation.eval_iters,
+                    "rng.seed": c.rng.seed, "rng.data_parallel_random_init": c.rng.data_parallel_random_init,
+                    "tokenizer.tokenizer_type": c.tokenizer.tokenizer_type, "tokenizer.vocab_size": c.tokenizer.vocab_size,
+                    "data.dataloader_type": c.dataset.dataloader_type, "data.data_sharding": c.dataset.data_sharding,
+                    "data.num_workers": c.dataset.num_workers})
+        out.update(schedule_trace(lambda opt: _get_scheduler(c.optimizer, c.scheduler, opt),
+                                         c.train.train_iters, c.train.global_batch_size))
+        return out
+
+    def export(self, native: Native) -> list[str]:
+        """The upstream invocation: Bridge's run_recipe.py with Hydra-style overrides."""
+        return ["torchrun", f"--nproc-per-node={native.world_size}", "scripts/training/run_recipe.py",
+                "--recipe", "vanilla_gpt_pretrain_config", *run_recipe_overrides(native), *native.overrides]
+
+    def export_code(self, native: Native) -> list[str]:
+        """run_recipe.py takes no callable by override: the layer spec is one line of Python on its config."""
+        fn = native.container.model.transformer_layer_spec
+        return [f"cfg.model.transformer_layer_spec = {fn.__module__}.{fn.__qualname__}"]
+
+    def write_native(self, native: Native, directory: str) -> None:
+        """Bridge's native config: the ConfigContainer as YAML, and the equivalent run_recipe.py command."""
+        import shlex
+
+        native.container.to_yaml(os.path.join(directory, "bridge_config.yaml"))
+        with open(os.path.join(directory, "bridge_command.sh"), "w") as f:
+            f.writelines(f"# set in the recipe's Python: {line}\n" for line in self.export_code(native))
+            f.write(shlex.join(self.export(native)) + "\n")
+
+    def train(self, native: Native, sink) -> None:
+        """Run Bridge's real `pretrain` in this process; a callback feeds `sink` every step."""
+        import torch
+        from megatron.bridge.training.callbacks import Callback
+        from megatron.bridge.training.gpt_step import forward_step
+        from megatron.bridge.training.pretrain import pretrain
+        from megatron.bridge.training.utils import flop_utils
+        from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
+
+        c = native.container
+
+        class Recorder(Callback):
+            def on_train_start(self, ctx):
+                # Bridge's FLOP count needs the vocabulary size, which setup takes from the tokenizer.
+                sink.set_flops_per_iteration(flop_utils.num_floating_point_operations(c, c.train.global_batch_size))
+                _ = ctx.state.wandb_logger  # Bridge starts its W&B run lazily, on first access (last rank only)
+                sink.training_started()
+
+            def on_train_step_start(self, ctx):
+                self.start = time.perf_counter()
+
+            def on_train_step_end(self, ctx):
+                torch.cuda.synchronize()
+                elapsed = time.perf_counter() - self.start
+                loss = (ctx.loss_dict or {}).get("lm loss")
+                lr = get_canonical_lr_for_logging(ctx.optimizer.param_groups)
+                # Bridge advances train_state.step right after this event.
+                sink.record_train(ctx.state.train_state.step + 1, None if loss is None else float(loss),
+                                  ctx.grad_norm, lr, elapsed)
+
+            def on_train_end(self, ctx):
+                self.done = True  # evaluations after this are the final validation / test passes
+
+            def on_eval_end(self, ctx):
+                self._eval(ctx, "final_valid" if getattr(self, "done", False) else "valid")
+
+            def on_test_end(self, ctx):
+                self._eval(ctx, "test")
+
+            def _eval(self, ctx, kind):
+                losses = ctx.total_loss_dict or {}
+                if "lm loss" in losses:
+                    sink.record_eval(kind, float(losses["lm loss"]))
+
+        pretrain(c, forward_step, callbacks=[Recorder()])
+
+    def teardown(self) -> None:
+        """Bridge destroys its parallel state itself; drop what it leaves (caches, compiled kernels, memory)."""
+        from megatron.bridge.training.utils import checkpoint_utils
+
+        for cached in ("read_train_state", "read_run_config"):
+            fn = getattr(checkpoint_utils, cached, None)
+            if hasattr(fn, "cache_clear"):
+                fn.cache_clear()
+        process_state.release_process_state()
 
 
-def train(native: Native, sink) -> None:
-    """Run Bridge's real `pretrain` in this process; a callback feeds `sink` every step."""
-    import torch
-    from megatron.bridge.training.callbacks import Callback
-    from megatron.bridge.training.gpt_step import forward_step
-    from megatron.bridge.training.pretrain import pretrain
-    from megatron.bridge.training.utils import flop_utils
-    from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
-
-    c = native.container
-
-    class Recorder(Callback):
-        def on_train_start(self, ctx):
-            # Bridge's FLOP count needs the vocabulary size, which setup takes from the tokenizer.
-            sink.set_flops_per_iteration(flop_utils.num_floating_point_operations(c, c.train.global_batch_size))
-            ctx.state.wandb_logger  # Bridge starts its W&B run lazily, on first access (last rank only)
-            sink.training_started()
-
-        def on_train_step_start(self, ctx):
-            self.start = time.perf_counter()
-
-        def on_train_step_end(self, ctx):
-            torch.cuda.synchronize()
-            elapsed = time.perf_counter() - self.start
-            loss = (ctx.loss_dict or {}).get("lm loss")
-            lr = get_canonical_lr_for_logging(ctx.optimizer.param_groups)
-            # Bridge advances train_state.step right after this event.
-            sink.record_train(ctx.state.train_state.step + 1, None if loss is None else float(loss),
-                              ctx.grad_norm, lr, elapsed)
-
-        def on_train_end(self, ctx):
-            self.done = True  # evaluations after this are the final validation / test passes
-
-        def on_eval_end(self, ctx):
-            self._eval(ctx, "final_valid" if getattr(self, "done", False) else "valid")
-
-        def on_test_end(self, ctx):
-            self._eval(ctx, "test")
-
-        def _eval(self, ctx, kind):
-            losses = ctx.total_loss_dict or {}
-            if "lm loss" in losses:
-                sink.record_eval(kind, float(losses["lm loss"]))
-
-    pretrain(c, forward_step, callbacks=[Recorder()])
-
-
-def teardown() -> None:
-    """Bridge destroys its parallel state itself; drop what it leaves (caches, compiled kernels, memory)."""
-    from megatron.bridge.training.utils import checkpoint_utils
-
-    for cached in ("read_train_state", "read_run_config"):
-        fn = getattr(checkpoint_utils, cached, None)
-        if hasattr(fn, "cache_clear"):
-            fn.cache_clear()
-    common.release_process_state()
-
-
-def write_native(native: Native, directory: str) -> None:
-    """Bridge's native config: the ConfigContainer as YAML, and the equivalent run_recipe.py command."""
-    import shlex
-
-    native.container.to_yaml(os.path.join(directory, "bridge_config.yaml"))
-    with open(os.path.join(directory, "bridge_command.sh"), "w") as f:
-        f.write(shlex.join(export(native)) + "\n")
+ADAPTER = BridgeBackend()

@@ -1,8 +1,8 @@
 """W&B panels for a sweep: a report with one section per pair group, each with `lm loss` and `grad-norm` line
 plots grouped by job_type (the backend) and the runs table of that group.
 
-    python -m unified_train.panels SWEEP_DIR [SWEEP_DIR ...] [--project P] [--entity E] [--title T]
-    python -m unified_train.panels --spec SWEEP_DIR/wandb_panels.json     # create it later, from the spec
+    python -m unified_train.results.panels SWEEP_DIR [SWEEP_DIR ...] [--project P] [--entity E] [--title T]
+    python -m unified_train.results.panels --spec SWEEP_DIR/wandb_panels.json     # create it later, from the spec
 
 With WANDB_API_KEY set, the report is created online with wandb-workspaces and its URL printed. Without one
 (or with --offline), the panel spec is written to `<first sweep dir>/wandb_panels.json` and the `wandb sync`
@@ -19,6 +19,8 @@ import os
 import shlex
 import sys
 
+from unified_train import rundir
+
 METRICS = ("lm loss", "grad-norm")  # the keys both stacks log to W&B (MLM's and Bridge's training_log)
 SPEC_FILE = "wandb_panels.json"
 
@@ -26,23 +28,19 @@ SPEC_FILE = "wandb_panels.json"
 def build_spec(sweep_dirs: list[str], project: str | None = None, entity: str | None = None,
                title: str | None = None) -> dict:
     """The panels as plain data: project, entity, one section per pair id, and the offline runs to upload."""
-    from omegaconf import OmegaConf
-
-    from unified_train import compare
-
-    runs = [r for r in compare.load_runs(sweep_dirs) if not r.is_preflight]
+    runs = [r for r in rundir.load_runs(sweep_dirs) if not r.is_preflight]
     if not runs:
         raise SystemExit(f"unified_train.panels: no training runs (run.json) under {', '.join(sweep_dirs)}")
-    wandb_cfg = OmegaConf.load(os.path.join(runs[0].path, "unified_config.yaml")).logger.wandb
+    wandb_cfg = rundir.read_unified_config(runs[0].path).logger.wandb
     sections: dict[str, dict] = {}
     for run in runs:
-        info = run.info
+        job = run.job
         section = sections.setdefault(run.pair_id, {
-            "name": f"pair {run.pair_id}: {info['model']} tp={info['tp']} pp={info['pp']}",
+            "name": f"pair {run.pair_id}: {job.model} tp={job.tp} pp={job.pp}",
             "group": run.pair_id, "job_types": [],
             "panels": [{"type": "line", "title": m, "x": "Step", "y": [m], "groupby": "JobType"} for m in METRICS]})
         section["job_types"] = sorted({*section["job_types"], run.backend})
-    offline = sorted(d for r in runs for d in glob.glob(os.path.join(r.path, "wandb", "**", "offline-run-*"),
+    offline = sorted(d for r in runs for d in glob.glob(os.path.join(r.path, rundir.WANDB_DIR, "**", "offline-run-*"),
                                                           recursive=True) if os.path.isdir(d))
     return {"title": title or f"unified_train {os.path.basename(os.path.abspath(sweep_dirs[0]))}",
             "project": project or wandb_cfg.project, "entity": entity or wandb_cfg.entity,
@@ -81,13 +79,13 @@ def write_offline(spec: dict, out_dir: str) -> tuple[str, list[str]]:
         json.dump(spec, f, indent=2)
     project = ["-p", spec["project"]] + (["-e", spec["entity"]] if spec["entity"] else [])
     commands = [shlex.join(["wandb", "sync", *project, run]) for run in spec["offline_runs"]]
-    commands.append(shlex.join([sys.executable, "-m", "unified_train.panels", "--spec", path]))
+    commands.append(shlex.join([sys.executable, "-m", __spec__.name, "--spec", path]))
     return path, commands
 
 
 def after_sweep(sweep_dir: str) -> None:
     """End of a multirun that logged to W&B: write the offline spec (no network) or say how to make the panels."""
-    runs = glob.glob(os.path.join(sweep_dir, "**", "wandb", "**", "*run-*"), recursive=True)
+    runs = glob.glob(os.path.join(sweep_dir, "**", rundir.WANDB_DIR, "**", "*run-*"), recursive=True)
     if not runs:  # logger=none, or no training job
         return
     spec = build_spec([sweep_dir])
@@ -96,11 +94,11 @@ def after_sweep(sweep_dir: str) -> None:
         print(f"W&B panels spec written to {path}; to upload the runs and create the panels:")
         print("\n".join(f"  {c}" for c in commands))
     else:
-        print(f"W&B panels for this sweep: {shlex.join([sys.executable, '-m', 'unified_train.panels', sweep_dir])}")
+        print(f"W&B panels for this sweep: {shlex.join([sys.executable, '-m', __spec__.name, sweep_dir])}")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m unified_train.panels", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m unified_train.results.panels", description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dirs", nargs="*")
     parser.add_argument("--spec", help="create the panels from a spec written offline")
     parser.add_argument("--project")

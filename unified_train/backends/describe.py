@@ -1,14 +1,10 @@
-"""Pieces both adapters use to describe their native configs in comparable form."""
+"""The comparable form both adapters describe their native configs in, for the parity diff."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
 import functools
-import io
-import os
-from unittest import mock
 
 # Runtime hooks that the loops attach to TransformerConfig; never part of a config comparison.
 _RUNTIME_FIELDS = {
@@ -64,34 +60,10 @@ def schedule_trace(make_scheduler, iters: int, global_batch_size: int) -> dict[s
     return trace
 
 
-@contextlib.contextmanager
-def world(world_size: int, rank: int = 0):
-    """The rank environment both stacks read while building configs outside a process group."""
-    env = {"WORLD_SIZE": str(world_size), "RANK": str(rank), "LOCAL_RANK": str(rank)}
-    if "CUDA_DEVICE_MAX_CONNECTIONS" not in os.environ:  # MLM asserts it for TP/CP > 1 on Hopper
-        env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
-    with mock.patch.dict(os.environ, env):
-        yield
-
-
-@contextlib.contextmanager
-def quiet():
-    """Silence the stacks' banner printing (MLM prints ~800 arguments) while building configs."""
-    with contextlib.redirect_stdout(io.StringIO()):
-        yield
-
-
-def release_process_state() -> None:
-    """What either stack leaves in the process after a job, beyond its own globals: the attention-backend
-    variables MCore asserts on (a later job with another backend would fail), torch.compile caches, and memory."""
-    import gc
-
-    import torch
-
-    for key in ("NVTE_FLASH_ATTN", "NVTE_FUSED_ATTN", "NVTE_UNFUSED_ATTN"):
-        os.environ.pop(key, None)
-    torch._dynamo.reset()
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
+# GPT-model fields outside TransformerConfig, and dataset fields, that both stacks' configs carry by these names.
+GPT_FIELDS = ("seq_length", "position_embedding_type", "rotary_base", "rotary_percent", "rope_scaling",
+              "rope_scaling_factor", "share_embeddings_and_output_weights", "make_vocab_size_divisible_by",
+              "fp16_lm_cross_entropy", "seq_len_interpolation_factor")
+DATASET_FIELDS = ("random_seed", "blend", "blend_per_split", "split", "split_matrix", "mock",
+                  "reset_position_ids", "reset_attention_mask", "eod_mask_loss", "create_attention_mask",
+                  "add_extra_token_to_sequence", "drop_last_partial_validation_sequence")

@@ -7,19 +7,19 @@ can be made from the files alone.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
+
+from unified_train import rundir
 
 
 class MetricsSink:
     """Collects per-iteration train metrics and eval losses; writes only on the rank that holds the loss."""
 
     def __init__(self, run_dir: str, *, backend: str, tokens_per_iteration: int, world_size: int, write: bool,
-                 unified_config: dict | None = None):
-        self.path = os.path.join(run_dir, "metrics.jsonl")
-        self.summary_path = os.path.join(run_dir, "summary.json")
+                 unified_config: dict | None = None, on_training_started=None):
+        self.run_dir = run_dir
         self.backend = backend
         self.tokens_per_iteration = tokens_per_iteration
         self.world_size = world_size
@@ -31,8 +31,9 @@ class MetricsSink:
         self.final: dict[str, float] = {}
         self.records: list[dict] = []
         self.unified_config = unified_config or {}
+        self.on_training_started = on_training_started
         self.startup: dict[str, float | None] = {}  # phase -> seconds since this process started
-        self._file = open(self.path, "w") if write else None
+        self._file = rundir.open_metrics(run_dir) if write else None
 
     def mark(self, phase: str, at: float | None = None) -> None:
         """Record when a start-up phase ended (now, or `at`), in seconds since this process started."""
@@ -40,7 +41,8 @@ class MetricsSink:
 
     def training_started(self) -> None:
         """Called by the backend once the stack is set up (its W&B run, if any, exists on the last rank)."""
-        add_unified_config(self.unified_config)
+        if self.on_training_started is not None:
+            self.on_training_started(self.unified_config)
 
     def set_flops_per_iteration(self, flops: float) -> None:
         self.flops_per_iteration = float(flops)
@@ -69,8 +71,7 @@ class MetricsSink:
             return
         self.records.append(self.pending)
         if self._file:
-            self._file.write(json.dumps(self.pending) + "\n")
-            self._file.flush()
+            rundir.append_metric(self._file, self.pending)
         self.pending = None
 
     def close(self, **summary) -> dict:
@@ -86,8 +87,7 @@ class MetricsSink:
         if self.startup:
             out["startup_s"] = dict(self.startup)
         if self.write:
-            with open(self.summary_path, "w") as f:
-                json.dump(out, f, indent=2)
+            rundir.write_summary(self.run_dir, out)
         return out
 
 
@@ -124,105 +124,3 @@ def _num(value):
         return None
     value = float(value)
     return value if math.isfinite(value) else str(value)
-
-
-def read_metrics(run_dir: str) -> list[dict]:
-    path = os.path.join(run_dir, "metrics.jsonl")
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# W&B: both stacks call wandb.init(dir, name, project, config, entity) themselves, on the last rank. Grouping
-# travels in the environment that call reads, so the runs carry it without touching either stack.
-
-_WANDB_KEYS = ("WANDB_RUN_GROUP", "WANDB_JOB_TYPE", "WANDB_TAGS", "WANDB_MODE", "WANDB_DIR", "WANDB_SILENT")
-
-
-def run_name(cfg) -> str:
-    p = cfg.parallel
-    return f"{cfg.model.name}-tp{p.tp}-pp{p.pp}-{cfg.backend.name}"
-
-
-def wandb_mode(cfg) -> str:
-    if cfg.logger.wandb.mode:
-        return cfg.logger.wandb.mode
-    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
-
-
-def wandb_env(cfg, run_dir: str, sweep_id: str) -> dict[str, str | None]:
-    """group = the pair id (identical for both halves of a pair), job_type = the backend, tags, mode, dir.
-    None values mean: remove from the environment (logger=none, or a previous job's settings)."""
-    from unified_train import plan
-
-    if not cfg.logger.wandb.enabled:
-        return {key: None for key in _WANDB_KEYS}
-    p = cfg.parallel
-    tags = [cfg.model.name, f"tp{p.tp}", f"pp{p.pp}", f"sweep:{sweep_id}"]
-    return {"WANDB_RUN_GROUP": plan.pair_id(cfg), "WANDB_JOB_TYPE": cfg.backend.name, "WANDB_TAGS": ",".join(tags),
-            "WANDB_MODE": wandb_mode(cfg), "WANDB_DIR": os.path.join(run_dir, "wandb"), "WANDB_SILENT": "true"}
-
-
-def apply_env(env: dict[str, str | None]) -> None:
-    for key, value in env.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
-def add_unified_config(unified: dict) -> None:
-    """Put the unified config next to the stack's native config in the W&B run the stack started."""
-    import sys
-
-    wandb = sys.modules.get("wandb")
-    if wandb is not None and wandb.run is not None:
-        wandb.config.update({"unified": unified}, allow_val_change=True)
-
-
-def end_wandb_run() -> None:
-    """After a job: finish the W&B run its stack started and drop wandb's process-wide state. wandb reads
-    WANDB_JOB_TYPE, WANDB_TAGS, ... once per process, so without this the next job in the same process (the other
-    half of a pair) would log under this job's job_type and tags."""
-    import sys
-
-    wandb = sys.modules.get("wandb")
-    if wandb is None:
-        return
-    if wandb.run is not None:
-        wandb.finish()
-    wandb.teardown()
-
-
-def read_offline_run(path: str) -> dict:
-    """Read an offline run back from its `run-<id>.wandb` file: identity, config and metric history."""
-    import glob
-
-    from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
-
-    files = [path] if path.endswith(".wandb") else sorted(
-        {os.path.realpath(f) for f in glob.glob(os.path.join(path, "**", "run-*.wandb"), recursive=True)})
-    if len(files) != 1:
-        raise FileNotFoundError(f"expected one run-*.wandb under {path}, found {len(files)}")
-    store = datastore.DataStore()
-    store.open_for_scan(files[0])
-    out: dict = {"config": {}, "history": []}
-    while True:
-        data = store.scan_data()
-        if data is None:
-            break
-        record = wandb_internal_pb2.Record()
-        record.ParseFromString(data)
-        kind = record.WhichOneof("record_type")
-        if kind == "run":
-            r = record.run
-            out.update(run_id=r.run_id, project=r.project, group=r.run_group, job_type=r.job_type,
-                       name=r.display_name, tags=list(r.tags))
-            out["config"].update({i.key: json.loads(i.value_json) for i in r.config.update})
-        elif kind == "config":
-            out["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
-        elif kind == "history":
-            out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                                   for i in record.history.item})
-    return out

@@ -7,11 +7,12 @@ import subprocess
 import sys
 import time
 
-from unified_train import tracking
+from unified_train import rundir
+from unified_train.results import metrics
 
 
 def _sink(tmp_path, write=True):
-    return tracking.MetricsSink(str(tmp_path), backend="mlm", tokens_per_iteration=32 * 512, world_size=1,
+    return metrics.MetricsSink(str(tmp_path), backend="mlm", tokens_per_iteration=32 * 512, world_size=1,
                                 write=write)
 
 
@@ -26,7 +27,7 @@ def test_one_record_per_iteration_with_val_loss_on_the_evaluated_iteration(tmp_p
     sink.record_eval("test", 8.5)
     summary = sink.close(pair_id="abc123", world_size=1)
 
-    records = tracking.read_metrics(str(tmp_path))
+    records = rundir.read_metrics(str(tmp_path))
     assert [r["iteration"] for r in records] == [1, 2, 3, 4, 5]
     assert {r["iteration"]: r.get("val_loss") for r in records} == {1: None, 2: 9.125, 3: None, 4: 9.25, 5: None}
     r1 = records[0]
@@ -46,7 +47,7 @@ def test_floats_round_trip_bitwise(tmp_path):
     value = 10.372841835021973  # a float32 loss as a Python float
     sink.record_train(1, loss=value, grad_norm=0.1 + 0.2, lr=None, seconds=0.0)
     sink.close()
-    (record,) = tracking.read_metrics(str(tmp_path))
+    (record,) = rundir.read_metrics(str(tmp_path))
     assert record["lm loss"] == value and record["grad_norm"] == 0.1 + 0.2
     assert record["lr"] is None and record["tokens_per_s"] is None
 
@@ -55,7 +56,7 @@ def test_non_finite_values_are_kept_as_strings(tmp_path):
     sink = _sink(tmp_path)
     sink.record_train(1, loss=float("nan"), grad_norm=float("inf"), lr=1e-4, seconds=1.0)
     sink.close()
-    (record,) = tracking.read_metrics(str(tmp_path))
+    (record,) = rundir.read_metrics(str(tmp_path))
     assert record["lm loss"] == "nan" and record["grad_norm"] == "inf"
 
 
@@ -67,7 +68,7 @@ def test_records_stream_to_disk_one_iteration_behind(tmp_path):
     sink.record_train(2, loss=2.0, grad_norm=1.0, lr=1.0, seconds=1.0)
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 1
     sink.close()
-    assert len(tracking.read_metrics(str(tmp_path))) == 2
+    assert len(rundir.read_metrics(str(tmp_path))) == 2
 
 
 def test_non_writing_rank_writes_nothing(tmp_path):
@@ -98,7 +99,7 @@ def test_startup_phases_are_timed_from_the_process_start(tmp_path):
 
     # The clock starts when the process does (as for the benchmark that starts it), not when the module loads.
     start = time.perf_counter()
-    code = "import time; time.sleep(0.5); from unified_train.tracking import process_seconds; print(process_seconds())"
+    code = "import time; time.sleep(0.5); from unified_train.results.metrics import process_seconds; print(process_seconds())"
     out = subprocess.run([sys.executable, "-c", code],
                          capture_output=True, text=True, check=True).stdout
     assert 0.5 <= float(out) <= time.perf_counter() - start + 0.02  # /proc counts in 10 ms ticks

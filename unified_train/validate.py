@@ -7,12 +7,14 @@ the key and the fix, and the process exits with 2 before Hydra creates an output
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+from unified_train import checks, resources, rundir, slurm
+from unified_train.compose import compose
 
 
 @dataclass
@@ -23,7 +25,7 @@ class Point:
     launcher: dict | None = None  # hydra.launcher, resolved (multirun only)
 
 
-def _sweep_choices(overrides: list[str], sweeper_params: dict) -> list[list[str]]:
+def sweep_choices(overrides: list[str], sweeper_params: dict) -> list[list[str]]:
     """Expand `a=1,2` style overrides (CLI and hydra.sweeper.params) into one override list per job."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -41,20 +43,6 @@ def _sweep_choices(overrides: list[str], sweeper_params: dict) -> list[list[str]
         ov = parser.parse_override(f"{key}={value}")
         axes.append([f"{key}={v}" for v in ov.sweep_string_iterator()] if ov.is_sweep_override() else [ov.input_line])
     return [list(combo) for combo in itertools.product(*axes)] if axes else [[]]
-
-
-def _compose(config_dir: str | None, config_name: str, overrides: list[str], with_hydra: bool = False):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from unified_train.config import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    # As with `--config-dir`: that directory holds the primary config; conf/ stays on the search path.
-    search = [f"hydra.searchpath=[file://{CONF_DIR}]"] if config_dir else []
-    with initialize_config_dir(config_dir=config_dir or CONF_DIR, version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides + search, return_hydra_config=with_hydra)
 
 
 def _one_line(exc: Exception) -> str:
@@ -86,9 +74,7 @@ def validate(argv: list[str]) -> tuple[list[Point], list[str]]:
     """Compose and check every job the command line describes. Returns the points and one line per problem."""
     from hydra._internal.utils import get_args_parser
 
-    from unified_train import plan, slurm
-
-    plan.query_gpu_memory()  # nvidia-smi answers while the jobs are composed (the memory check needs it)
+    resources.query_gpu_memory()  # nvidia-smi answers while the jobs are composed (the memory check needs it)
     args = get_args_parser().parse_args(argv)
     config_name = args.config_name or "config"
     config_dir = str(Path(args.config_dir).resolve()) if args.config_dir else None
@@ -97,7 +83,7 @@ def validate(argv: list[str]) -> tuple[list[Point], list[str]]:
         plain = [o for o in base if "," not in o.split("=", 1)[-1] or o.split("=", 1)[-1].startswith("[")]
         sweeper_params, launcher = {}, None
         if args.multirun:
-            hcfg = _compose(config_dir, config_name, plain, with_hydra=True)
+            hcfg = compose(plain, config_dir=config_dir, config_name=config_name, with_hydra=True)
             params = OmegaConf.select(hcfg, "hydra.sweeper.params")
             sweeper_params = OmegaConf.to_container(params) if params is not None else {}
             launcher = OmegaConf.to_container(hcfg.hydra.launcher)
@@ -105,21 +91,21 @@ def validate(argv: list[str]) -> tuple[list[Point], list[str]]:
                 return [], [slurm.NEEDS_GPUS_PER_NODE]
             launcher = OmegaConf.to_container(hcfg.hydra.launcher, resolve=True)
         else:
-            hcfg = _compose(config_dir, config_name, base, with_hydra=True)
-        combos = _sweep_choices(base, sweeper_params) if args.multirun else [base]
+            hcfg = compose(base, config_dir=config_dir, config_name=config_name, with_hydra=True)
+        combos = sweep_choices(base, sweeper_params) if args.multirun else [base]
         taken = _output_dir_problems(hcfg, args.multirun)
     except Exception as exc:  # noqa: BLE001 -- any composition problem is a user error here
         return [], [_one_line(exc)]
     single = None if args.multirun else _without_hydra(hcfg)  # a single run's job config: no second compose
 
     # On Slurm the GPUs are the job's, not this (login) host's.
-    resources = (lambda cfg: slurm.check(cfg, launcher)) if slurm.is_slurm(launcher) else plan.check_resources
+    available = (lambda cfg: slurm.check(cfg, launcher)) if slurm.is_slurm(launcher) else resources.check
     points, errors = [], []
     for combo in combos:
         point = Point(overrides=combo, launcher=launcher)
         try:
-            point.cfg = single if single is not None else _compose(config_dir, config_name, combo)
-            point.errors = plan.check(point.cfg) or resources(point.cfg)
+            point.cfg = single if single is not None else compose(combo, config_dir=config_dir, config_name=config_name)
+            point.errors = checks.check(point.cfg) or available(point.cfg)
         except Exception as exc:  # noqa: BLE001
             point.errors = [_one_line(exc)]
         points.append(point)
@@ -142,9 +128,7 @@ def _output_dir_problems(hcfg, multirun: bool) -> list[str]:
     The ranks of one torchrun job (or srun step) each run this command: they need one directory, which a
     per-process timestamp does not give them, and they write their .hydra/ into it at the same moment, so a rank
     judges only the outputs a run writes once all its ranks have started."""
-    from unified_train import plan, ranks
-
-    several = ranks.one_of_several_ranks()
+    several = one_of_several_ranks()
     key, node = ("hydra.sweep.dir", hcfg.hydra.sweep) if multirun else ("hydra.run.dir", hcfg.hydra.run)
     dirs = {key: node.dir}  # where Hydra writes its record
     if hcfg.run_dir:
@@ -153,24 +137,28 @@ def _output_dir_problems(hcfg, multirun: bool) -> list[str]:
     if several and not hcfg.run_dir and "${now:" in pattern:
         return [(f"{key}: the ranks of this job need one output directory, and {pattern} is timestamped per "
                  f"process: give {key}=DIR (the same on every rank)")]
-    problems = [plan.check_run_dir(d, k, started=several) for k, d in dirs.items()]
+    problems = [rundir.check_run_dir(d, k, started=several) for k, d in dirs.items()]
     return [p for p in problems if p]
 
 
 def dry_run_table(points: list[Point]) -> str:
     """`--dry-run`: the jobs a command would start, with their world sizes, without starting them (and, with
     hydra/launcher=slurm, the sbatch script that would be submitted)."""
-    from unified_train import plan, slurm
-
     lines = ["| # | overrides | world size | params | GiB/GPU (weights+optimizer) | status |", "|---:|---|---:|---:|---:|---|"]
     for i, p in enumerate(points):
         if p.cfg is None:
             lines.append(f"| {i} | {' '.join(p.overrides)} | | | | {'; '.join(p.errors)} |")
             continue
         status = "; ".join(p.errors) if p.errors else "ok"
-        lines.append(f"| {i} | {' '.join(p.overrides)} | {plan.world_size(p.cfg)} | {plan.param_count(p.cfg) / 1e6:,.0f}M "
-                     f"| {plan.memory_gib_per_gpu(p.cfg):.1f} | {status} |")
+        lines.append(f"| {i} | {' '.join(p.overrides)} | {resources.world_size(p.cfg)} | {resources.param_count(p.cfg) / 1e6:,.0f}M "
+                     f"| {resources.memory_gib_per_gpu(p.cfg):.1f} | {status} |")
     if points and slurm.is_slurm(points[0].launcher):
         lines += ["", f"sbatch script for the {len(points)} job(s) (one array element each):", "",
                   slurm.sbatch_preview(points[0].launcher, len(points))]
     return "\n".join(lines)
+
+
+def one_of_several_ranks() -> bool:
+    """This process is one rank of a job whose other ranks run the same command at the same moment: under
+    torchrun, or in a Slurm job step of several tasks (srun)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1

@@ -1,9 +1,9 @@
 """Correlation verdicts over sweep directories: pair runs by pair id and judge their per-iteration losses.
 
-Reads only files (`run.json`, `metrics.jsonl`, `summary.json` in each job directory), so it works whatever
-process or host ran the jobs. Also a Hydra callback that runs at the end of every multirun, and a command:
+Reads only the job directories (rundir.load_runs), so it works whatever process or host ran the jobs. Runs at the
+end of every multirun (results/callbacks.py), and as a command:
 
-    python -m unified_train.compare SWEEP_DIR [SWEEP_DIR ...] [--gate exact|golden|statistical]
+    python -m unified_train.results.compare SWEEP_DIR [SWEEP_DIR ...] [--gate exact|golden|statistical] [--write]
 
 Gates (MLM = reference, Bridge = candidate):
 - exact: every lm loss, grad norm and lr bitwise equal;
@@ -16,63 +16,18 @@ The statistical gate is also applied across tensor-parallel sizes of one backend
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import struct
 import sys
-from dataclasses import dataclass, field
 
-from hydra.experimental.callback import Callback
+from unified_train import rundir
+from unified_train.config import BACKEND_NAMES
+from unified_train.rundir import Run
+
+REFERENCE, CANDIDATE = BACKEND_NAMES  # the gates read MLM as the reference
 
 GATES = ("exact", "golden", "statistical")
-
-
-@dataclass
-class Run:
-    path: str
-    backend: str
-    pair_id: str
-    info: dict
-    metrics: list[dict] = field(default_factory=list)
-    summary: dict | None = None
-
-    @property
-    def is_preflight(self) -> bool:
-        return self.info.get("mode") == "preflight"
-
-    @property
-    def ok(self) -> bool:
-        if self.is_preflight:
-            return self.summary is not None and bool(self.summary.get("ok"))
-        return self.summary is not None and bool(self.metrics)
-
-    @property
-    def label(self) -> str:
-        return f"{self.backend} tp={self.info.get('tp')}"
-
-
-def load_runs(sweep_dirs: list[str]) -> list[Run]:
-    runs = []
-    for sweep in sweep_dirs:
-        for root, dirs, files in os.walk(sweep):
-            if "run.json" not in files:
-                continue
-            dirs[:] = []  # a run directory holds no other runs
-            with open(os.path.join(root, "run.json")) as f:
-                info = json.load(f)
-            run = Run(root, info["backend"], info["pair_id"], info)
-            metrics = os.path.join(root, "metrics.jsonl")
-            if os.path.exists(metrics):
-                with open(metrics) as f:
-                    run.metrics = [json.loads(line) for line in f if line.strip()]
-            # A training job's summary, or a preflight job's (mode=preflight trains nothing).
-            for summary in (os.path.join(root, "summary.json"), os.path.join(root, "preflight", "summary.json")):
-                if os.path.exists(summary):
-                    with open(summary) as f:
-                        run.summary = json.load(f)
-            runs.append(run)
-    return sorted(runs, key=lambda r: r.path)
 
 
 def bf16_ulps(a: float, b: float) -> int:
@@ -122,12 +77,12 @@ def statistical(ref: dict[int, float], cand: dict[int, float]) -> tuple[bool, st
     mx, my = sum(x) / len(x), sum(y) / len(y)
     sx = math.sqrt(sum((v - mx) ** 2 for v in x))
     sy = math.sqrt(sum((v - my) ** 2 for v in y))
-    cov = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    cov = sum((a - mx) * (b - my) for a, b in zip(x, y, strict=True))
     if sx == 0 or sy == 0:  # a flat curve: correlated only with itself
         pearson = 1.0 if x == y else 0.0
     else:
         pearson = cov / (sx * sy)
-    outside = sum(abs(a - b) > _tolerance(a) * abs(a) for a, b in zip(x, y)) / len(steps)
+    outside = sum(abs(a - b) > _tolerance(a) * abs(a) for a, b in zip(x, y, strict=True)) / len(steps)
     final = abs(x[-1] - y[-1]) / abs(x[-1])
     ok = pearson >= 0.95 and outside <= 0.10 and final <= 0.03
     return ok, f"pearson {pearson:.4f}, {outside:.0%} outside tolerance, final loss within {final:.2%}"
@@ -167,21 +122,21 @@ def tp_table(runs: list[Run]) -> list[str]:
     """Statistical gate across tensor-parallel sizes of the same backend and model (reference: smallest tp)."""
     groups: dict[tuple, list[Run]] = {}
     for run in runs:
-        if run.ok and run.info.get("tp_group"):
-            groups.setdefault((run.backend, run.info["tp_group"]), []).append(run)
+        if run.ok and run.job.tp_group:
+            groups.setdefault((run.backend, run.job.tp_group), []).append(run)
     out = []
     for (backend, _), members in sorted(groups.items()):
-        tps = sorted({m.info["tp"] for m in members})
+        tps = sorted({m.job.tp for m in members})
         if len(tps) < 2:
             continue
-        members.sort(key=lambda r: r.info["tp"])
+        members.sort(key=lambda r: r.job.tp)
         ref = members[0]
-        out += [f"## convergence across TP: {backend}, {ref.info.get('model')} (reference tp={ref.info['tp']})", "",
+        out += [f"## convergence across TP: {backend}, {ref.job.model} (reference tp={ref.job.tp})", "",
                 "| tp | final lm loss | statistical gate | detail |", "|---:|---:|---|---|"]
         for m in members:
             ok, detail = statistical(series(ref), series(m))
             final = series(m)[max(series(m))]
-            out.append(f"| {m.info['tp']} | {final:.5f} | {'pass' if ok else 'FAIL'} | {detail} |")
+            out.append(f"| {m.job.tp} | {final:.5f} | {'pass' if ok else 'FAIL'} | {detail} |")
         out.append("")
     return out
 
@@ -198,7 +153,7 @@ def plot(pairs: list[tuple[Run, Run]], path: str) -> None:
         steps = sorted(set(la) & set(lb))
         axes[0][col].plot(sorted(la), [la[s] for s in sorted(la)], label=a.backend)
         axes[0][col].plot(sorted(lb), [lb[s] for s in sorted(lb)], "--", label=b.backend)
-        axes[0][col].set(title=f"{a.info.get('model')} tp={a.info.get('tp')} pp={a.info.get('pp')} ({a.pair_id})",
+        axes[0][col].set(title=f"{a.job.model} tp={a.job.tp} pp={a.job.pp} ({a.pair_id})",
                          ylabel="lm loss")
         axes[0][col].legend()
         axes[1][col].plot(steps, [lb[s] - la[s] for s in steps])
@@ -224,7 +179,7 @@ def preflight_table(checks: list[Run]) -> tuple[list[str], bool]:
     for run in checks:
         by_pair.setdefault(run.pair_id, set()).add(run.backend)
     for pid, backends in sorted(by_pair.items()):
-        missing = sorted({"mlm", "bridge"} - backends)
+        missing = sorted(set(BACKEND_NAMES) - backends)
         if missing:
             all_ok = False
             out.append(f"\npair {pid}: **incomplete**, no {', '.join(missing)} job")
@@ -237,7 +192,7 @@ def preflight_table(checks: list[Run]) -> tuple[list[str], bool]:
 def report(sweep_dirs: list[str], gate: str = "exact", out_dir: str | None = None) -> tuple[str, bool]:
     """The comparison report (markdown) and whether every pair passed `gate`. With `out_dir`, also writes
     comparison.md, comparison.png and a golden-values JSON into every run directory."""
-    every = load_runs(sweep_dirs)
+    every = rundir.load_runs(sweep_dirs)
     checks = [r for r in every if r.is_preflight]
     runs = [r for r in every if not r.is_preflight]
     by_pair: dict[str, list[Run]] = {}
@@ -249,14 +204,14 @@ def report(sweep_dirs: list[str], gate: str = "exact", out_dir: str | None = Non
         out += lines
     for pid, members in sorted(by_pair.items()):
         backends = {r.backend: r for r in members}
-        first = members[0].info
-        out.append(f"## pair {pid} ({first.get('model')}, tp={first.get('tp')}, pp={first.get('pp')})")
-        missing = [b for b in ("mlm", "bridge") if b not in backends or not backends[b].ok]
+        first = members[0].job
+        out.append(f"## pair {pid} ({first.model}, tp={first.tp}, pp={first.pp})")
+        missing = [b for b in BACKEND_NAMES if b not in backends or not backends[b].ok]
         if missing:
             all_ok = False
             out.append(f"**incomplete**: {', '.join(missing)} half missing or failed (no metrics/summary)\n")
             continue
-        a, b = backends["mlm"], backends["bridge"]
+        a, b = backends[REFERENCE], backends[CANDIDATE]
         complete_pairs.append((a, b))
         result = verdicts(a, b)
         all_ok &= result[gate][0]
@@ -266,38 +221,24 @@ def report(sweep_dirs: list[str], gate: str = "exact", out_dir: str | None = Non
     out += tp_table(runs)
     text = "\n".join(out)
     if out_dir is not None:
-        with open(os.path.join(out_dir, "comparison.md"), "w") as f:
+        with open(os.path.join(out_dir, rundir.COMPARISON_MD), "w") as f:
             f.write(text + "\n")
         if complete_pairs:
-            plot(complete_pairs, os.path.join(out_dir, "comparison.png"))
+            plot(complete_pairs, os.path.join(out_dir, rundir.COMPARISON_PNG))
         for run in runs:
             if run.ok:
-                with open(os.path.join(run.path, "golden_values.json"), "w") as f:
-                    json.dump(golden_values(run), f, indent=2)
+                rundir.write_golden_values(run.path, golden_values(run))
     return text, all_ok
 
 
-class CompareCallback(Callback):
-    """At the end of a multirun, compare whatever the jobs wrote into the sweep directory."""
-
-    def on_multirun_end(self, config, **kwargs) -> None:
-        sweep_dir = config.hydra.sweep.dir
-        text, _ = report([sweep_dir], out_dir=sweep_dir)
-        print(text)
-        print(f"comparison written to {os.path.join(sweep_dir, 'comparison.md')}")
-        from unified_train import panels
-
-        panels.after_sweep(sweep_dir)
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m unified_train.compare", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m unified_train.results.compare", description=__doc__.split("\n")[0])
     parser.add_argument("sweep_dirs", nargs="*")
     parser.add_argument("--gate", choices=GATES, default="exact", help="the gate the exit status reports")
     parser.add_argument("--write", action="store_true", help="write comparison.md/.png into the first directory")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     if not args.sweep_dirs:
-        print("usage: python -m unified_train.compare SWEEP_DIR [SWEEP_DIR ...]", file=sys.stderr)
+        print("usage: python -m unified_train.results.compare SWEEP_DIR [SWEEP_DIR ...]", file=sys.stderr)
         return 2
     text, ok = report(args.sweep_dirs, gate=args.gate, out_dir=args.sweep_dirs[0] if args.write else None)
     print(text)

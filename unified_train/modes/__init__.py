@@ -1,0 +1,1 @@
+"""The modes that build native configs without training: parity, export and preflight."""
