@@ -80,13 +80,22 @@ def run(cmd: list[str], log: Path) -> dict:
         proc.wait()
     if proc.returncode != 0:
         print(f"{' '.join(cmd)} failed (exit {proc.returncode}); see {log}", file=sys.stderr)
-        return {"failed": True, "wall_s": time.perf_counter() - start, "iterations": len(times),
-                **dict.fromkeys(TIMINGS)}
+        return {
+            "failed": True,
+            "wall_s": time.perf_counter() - start,
+            "iterations": len(times),
+            **dict.fromkeys(TIMINGS),
+        }
     # Skip warm-up: iteration 1 compiles, and MLM prints iteration 2 as the mean of iterations 1 and 2.
     steady = [t for it, t in sorted(times.items()) if it >= max(4, len(times) // 3)]
-    return {"wall_s": time.perf_counter() - start, "first_iteration_s": first_iteration, "to_pretrain_s": to_pretrain,
-            "iteration_1_s": times.get(1),
-            "steady_iter_s": statistics.median(steady) if steady else None, "iterations": len(times)}
+    return {
+        "wall_s": time.perf_counter() - start,
+        "first_iteration_s": first_iteration,
+        "to_pretrain_s": to_pretrain,
+        "iteration_1_s": times.get(1),
+        "steady_iter_s": statistics.median(steady) if steady else None,
+        "iterations": len(times),
+    }
 
 
 def main() -> None:
@@ -95,14 +104,24 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="directory for logs and the JSON/markdown results")
     parser.add_argument("--backends", default="mlm,bridge", help="comma-separated: which backends to measure")
     parser.add_argument("--skip-pair", action="store_true", help="do not time the in-process pair")
-    parser.add_argument("--attention", default=None,
-                        help="comma-separated kernels.attention choices: one unified run of each backend per choice")
-    parser.add_argument("--repeats", type=int, default=1,
-                        help="run every variant this many times, in alternating order (ABC CBA ...), and report "
-                             "medians: a drifting host (clocks, another tenant) then biases no variant")
-    parser.add_argument("--no-warmup", action="store_true",
-                        help="skip the discarded first run (it fills the torch.compile/inductor and file caches, "
-                             "which otherwise make whichever variant runs first look slow to start)")
+    parser.add_argument(
+        "--attention",
+        default=None,
+        help="comma-separated kernels.attention choices: one unified run of each backend per choice",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=1,
+        help="run every variant this many times, in alternating order (ABC CBA ...), and report "
+        "medians: a drifting host (clocks, another tenant) then biases no variant",
+    )
+    parser.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="skip the discarded first run (it fills the torch.compile/inductor and file caches, "
+        "which otherwise make whichever variant runs first look slow to start)",
+    )
     parser.add_argument("overrides", nargs="*", help="unified_train overrides (after --)")
     args = parser.parse_args()
     out = Path(args.out or tempfile.mkdtemp(prefix="bench_"))
@@ -126,10 +145,24 @@ def main() -> None:
             name = unified_name(backend, choice)
             kernel = [f"kernels.attention={choice}"] if choice else []
             variants[name] = lambda r, b=backend, n=name, k=kernel: [
-                py, "-m", "unified_train", f"backend={b}", f"hydra.run.dir={out / n.replace(' ', '_')}_{r}", *ov, *k]
+                py,
+                "-m",
+                "unified_train",
+                f"backend={b}",
+                f"hydra.run.dir={out / n.replace(' ', '_')}_{r}",
+                *ov,
+                *k,
+            ]
     if not args.skip_pair and len(backends) == 2:
         variants["pair in one process"] = lambda r: [
-            py, "-m", "unified_train", "-m", f"backend={','.join(backends)}", f"hydra.sweep.dir={out / f'pair_{r}'}", *ov]
+            py,
+            "-m",
+            "unified_train",
+            "-m",
+            f"backend={','.join(backends)}",
+            f"hydra.sweep.dir={out / f'pair_{r}'}",
+            *ov,
+        ]
 
     runs: dict[str, list[dict]] = {name: [] for name in variants}
     summaries: dict[str, dict] = {}
@@ -164,11 +197,15 @@ def write_table(label: str, out: Path, peak: float, runs: dict[str, list[dict]],
         if not measured:
             continue
         steady = [m["steady_iter_s"] for m in measured if not m.get("failed") and m["steady_iter_s"]]
-        r = results[name] = {key: _median(measured, key)
-                             for key in (*TIMINGS, "wall_s")}
-        r.update(runs=len(measured), failed=sum(bool(m.get("failed")) for m in measured),
-                 steady_spread=(min(steady), max(steady)) if steady else None,
-                 tokens_per_s=None, tflops_per_gpu=None, mfu=None)
+        r = results[name] = {key: _median(measured, key) for key in (*TIMINGS, "wall_s")}
+        r.update(
+            runs=len(measured),
+            failed=sum(bool(m.get("failed")) for m in measured),
+            steady_spread=(min(steady), max(steady)) if steady else None,
+            tokens_per_s=None,
+            tflops_per_gpu=None,
+            mfu=None,
+        )
         s = summaries.get(name.split()[1] if "pair" not in name else "mlm")
         if s is None or not r["steady_iter_s"]:
             continue
@@ -188,22 +225,32 @@ def write_table(label: str, out: Path, peak: float, runs: dict[str, list[dict]],
     def fmt(v, spec):
         return "" if v is None else format(v, spec)
 
-    lines = [f"### {label} (bf16 matmul peak measured here: {peak:.0f} TFLOP/s; medians over the runs)", "",
-             ("| variant | runs | steady s/it | (min-max) | tokens/s | TFLOP/s/GPU | MFU | to pretrain s "
-              "| first iteration s | iteration 1 s | wall s | ratio |"),
-             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"### {label} (bf16 matmul peak measured here: {peak:.0f} TFLOP/s; medians over the runs)",
+        "",
+        (
+            "| variant | runs | steady s/it | (min-max) | tokens/s | TFLOP/s/GPU | MFU | to pretrain s "
+            "| first iteration s | iteration 1 s | wall s | ratio |"
+        ),
+        "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for name, r in results.items():
         ratio = f"{r['failed']} FAILED (see the logs)" if r["failed"] else ""
         if "throughput_vs_native" in r:
-            ratio = (f"throughput {r['throughput_vs_native']:.3f}x native, "
-                     f"first-iteration time {r['first_iteration_vs_native']:.2f}x native")
+            ratio = (
+                f"throughput {r['throughput_vs_native']:.3f}x native, "
+                f"first-iteration time {r['first_iteration_vs_native']:.2f}x native"
+            )
         if "wall_vs_two_processes" in r:
             ratio = f"wall {r['wall_vs_two_processes']:.2f}x of two separate processes"
         spread = f"{r['steady_spread'][0]:.4f}-{r['steady_spread'][1]:.4f}" if r["steady_spread"] else ""
-        lines.append(f"| {name} | {r['runs']} | {fmt(r['steady_iter_s'], '.4f')} | {spread} | "
-                     f"{fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['tflops_per_gpu'], '.1f')} | {fmt(r['mfu'], '.1%')} | "
-                     f"{fmt(r['to_pretrain_s'], '.1f')} | {fmt(r['first_iteration_s'], '.1f')} | {fmt(r['iteration_1_s'], '.2f')} | "
-                     f"{fmt(r['wall_s'], '.1f')} | {ratio} |")
+        lines.append(
+            f"| {name} | {r['runs']} | {fmt(r['steady_iter_s'], '.4f')} | {spread} | "
+            f"{fmt(r['tokens_per_s'], ',.0f')} | {fmt(r['tflops_per_gpu'], '.1f')} | {fmt(r['mfu'], '.1%')} | "
+            f"{fmt(r['to_pretrain_s'], '.1f')} | {fmt(r['first_iteration_s'], '.1f')} | "
+            f"{fmt(r['iteration_1_s'], '.2f')} | "
+            f"{fmt(r['wall_s'], '.1f')} | {ratio} |"
+        )
     text = "\n".join(lines + ["", run_to_run(out)])
     (out / f"{label}.md").write_text(text + "\n")
     (out / f"{label}.json").write_text(json.dumps({"peak_tflops": peak, "runs": runs, "results": results}, indent=2))
@@ -219,8 +266,10 @@ def run_to_run(out: Path) -> str:
     for run in rundir.load_runs([str(out)]):
         if run.metrics:
             by_attention.setdefault(run.job.attention, []).append(run)
-    return "\n".join(_identical(out, attention, runs) for attention, runs in sorted(by_attention.items())) or \
-        "Run-to-run: no unified_train run finished, nothing to compare."
+    return (
+        "\n".join(_identical(out, attention, runs) for attention, runs in sorted(by_attention.items()))
+        or "Run-to-run: no unified_train run finished, nothing to compare."
+    )
 
 
 def _identical(out: Path, attention: str, runs: list) -> str:
@@ -231,17 +280,27 @@ def _identical(out: Path, attention: str, runs: list) -> str:
         return f"{label}: fewer than two unified_train runs finished, nothing to compare."
     ref, differing = runs[0], []
     for run in runs[1:]:
-        first = next((a["iteration"] for a, b in zip(ref.metrics, run.metrics, strict=False)
-                      if any(a.get(k) != b.get(k) for k in compare.EXACT_KEYS)), None)
+        first = next(
+            (
+                a["iteration"]
+                for a, b in zip(ref.metrics, run.metrics, strict=False)
+                if any(a.get(k) != b.get(k) for k in compare.EXACT_KEYS)
+            ),
+            None,
+        )
         if first is not None:
             differing.append(f"{Path(run.path).relative_to(out)} (from iteration {first})")
         elif len(run.metrics) != len(ref.metrics):
             differing.append(f"{Path(run.path).relative_to(out)} ({len(run.metrics)} of {len(ref.metrics)} iterations)")
     name = Path(ref.path).relative_to(out)
     if not differing:
-        return (f"{label}: all {len(runs)} unified_train runs are bitwise identical to {name} "
-                f"(lm loss, grad norm, lr at every iteration).")
-    return f"{label}: {len(differing)} of {len(runs) - 1} unified_train runs differ from {name}: {', '.join(differing)}."
+        return (
+            f"{label}: all {len(runs)} unified_train runs are bitwise identical to {name} "
+            f"(lm loss, grad norm, lr at every iteration)."
+        )
+    return (
+        f"{label}: {len(differing)} of {len(runs) - 1} unified_train runs differ from {name}: {', '.join(differing)}."
+    )
 
 
 if __name__ == "__main__":

@@ -42,8 +42,14 @@ def main() -> None:
 
     def write() -> None:
         with open(out, "w") as f:
-            json.dump({"collections": collections, "frozen_at_exit": gc.get_freeze_count(),
-                       "exit_s": round(time.perf_counter() - started, 4)}, f)
+            json.dump(
+                {
+                    "collections": collections,
+                    "frozen_at_exit": gc.get_freeze_count(),
+                    "exit_s": round(time.perf_counter() - started, 4),
+                },
+                f,
+            )
 
     gc.callbacks.append(on_collection)
     atexit.register(write)

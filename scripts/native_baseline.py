@@ -37,8 +37,9 @@ def main() -> None:
         sys.exit("\n".join(problems))
     os.environ.update(env.process_env(cfg))
     env.pin_compiler_determinism()
-    job = rundir.identity(cfg, world_size=resources.world_size(cfg),
-                          run_dir=tempfile.mkdtemp(prefix=f"native_{backend}_"))
+    job = rundir.identity(
+        cfg, world_size=resources.world_size(cfg), run_dir=tempfile.mkdtemp(prefix=f"native_{backend}_")
+    )
     ranks.init_process_group(job.world_size)
     if backend == "bridge":
         _bridge(cfg, job)
@@ -82,8 +83,13 @@ def _mlm(cfg, job) -> None:
         container = pretrain_cfg_container_from_args(args, gpt_config_from_args(args))
         training.set_startup_timestamps(program_start=time.time(), main_entry=time.time())
         _pretrain_called()
-        training.pretrain(container, glue.datasets_provider(), ModelType.encoder_or_decoder, glue.forward_step,
-                          get_embedding_ranks=glue.embedding_ranks)
+        training.pretrain(
+            container,
+            glue.datasets_provider(),
+            ModelType.encoder_or_decoder,
+            glue.forward_step,
+            get_embedding_ranks=glue.embedding_ranks,
+        )
 
 
 def _pretrain_called() -> None:

@@ -39,17 +39,32 @@ def report_errors():
 
 
 def _config(heads=4, groups=4, head_dim=16, **overrides):
-    fields = dict(num_layers=1, hidden_size=heads * head_dim, num_attention_heads=heads, num_query_groups=groups,
-                  kv_channels=head_dim, attention_dropout=0.0, hidden_dropout=0.0, use_cpu_initialization=True,
-                  transformer_impl="local")
+    fields = dict(
+        num_layers=1,
+        hidden_size=heads * head_dim,
+        num_attention_heads=heads,
+        num_query_groups=groups,
+        kv_channels=head_dim,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        use_cpu_initialization=True,
+        transformer_impl="local",
+    )
     fields.update(overrides)
     return TransformerConfig(**fields)
 
 
 def _module(kind, config, mask=AttnMaskType.causal, **kwargs):
     cls = attention.core_attention_class(kind)
-    return cls(config=config, layer_number=1, attn_mask_type=mask, attention_type="self", cp_comm_type=None,
-               pg_collection=None, **kwargs)
+    return cls(
+        config=config,
+        layer_number=1,
+        attn_mask_type=mask,
+        attention_type="self",
+        cp_comm_type=None,
+        pg_collection=None,
+        **kwargs,
+    )
 
 
 def _reference(q, k, v, scale, causal=True):
@@ -218,10 +233,23 @@ def _moe():
 
 
 def _mla(**overrides):
-    fields = dict(num_layers=2, hidden_size=64, num_attention_heads=4, attention_dropout=0.0, hidden_dropout=0.0,
-                  use_cpu_initialization=True, transformer_impl="local", multi_latent_attention=True,
-                  q_lora_rank=None, kv_lora_rank=32, qk_head_dim=16, qk_pos_emb_head_dim=8, v_head_dim=16,
-                  rope_type="rope", ffn_hidden_size=128)
+    fields = dict(
+        num_layers=2,
+        hidden_size=64,
+        num_attention_heads=4,
+        attention_dropout=0.0,
+        hidden_dropout=0.0,
+        use_cpu_initialization=True,
+        transformer_impl="local",
+        multi_latent_attention=True,
+        q_lora_rank=None,
+        kv_lora_rank=32,
+        qk_head_dim=16,
+        qk_pos_emb_head_dim=8,
+        v_head_dim=16,
+        rope_type="rope",
+        ffn_hidden_size=128,
+    )
     fields.update(overrides)
     return MLATransformerConfig(**fields)
 
@@ -296,8 +324,13 @@ def _gpt(config, kind):
     from megatron.core.models.gpt import GPTModel
 
     torch.manual_seed(0)
-    return GPTModel(config=config, transformer_layer_spec=spec.layer_spec(config, attention=kind), vocab_size=128,
-                    max_sequence_length=32, position_embedding_type="rope")
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=spec.layer_spec(config, attention=kind),
+        vocab_size=128,
+        max_sequence_length=32,
+        position_embedding_type="rope",
+    )
 
 
 def test_mla_without_q_lora_builds_on_the_local_spec(model_parallel, cuda_is_cpu):
@@ -337,8 +370,10 @@ def test_gpt_model_forward_backward_agrees_between_kernels(model_parallel, cuda_
     models = {kind: _gpt(make(), kind) for kind in KINDS}
     models["sdpa"].load_state_dict(models["flex"].state_dict())
     for kind, model in models.items():
-        assert all(isinstance(layer.self_attention.core_attention, attention.CORE_ATTENTION[kind])
-                   for layer in model.decoder.layers)
+        assert all(
+            isinstance(layer.self_attention.core_attention, attention.CORE_ATTENTION[kind])
+            for layer in model.decoder.layers
+        )
     results = {}
     for kind, model in models.items():
         loss = model(tokens, position_ids, None, labels=tokens).mean()

@@ -13,21 +13,26 @@ from unified_train.modes import export, parity
 
 LLAMA = ["model=llama32_1b", "model.num_layers=2", "parallel.dp=1"]
 DEEPSEEK = ["model=deepseek_v2_lite", "model.num_layers=4", "parallel.dp=1"]
-CLASSES = {"local": "megatron.core.transformer.dot_product_attention.DotProductAttention",
-           "flex": "unified_train.kernels.attention.FlexAttention",
-           "sdpa": "unified_train.kernels.attention.SDPAAttention"}
+CLASSES = {
+    "local": "megatron.core.transformer.dot_product_attention.DotProductAttention",
+    "flex": "unified_train.kernels.attention.FlexAttention",
+    "sdpa": "unified_train.kernels.attention.SDPAAttention",
+}
 
 
-@pytest.mark.parametrize(("overrides", "resolved"), [
-    ([], "local"),  # vanilla_gpt has attention dropout 0.1, which flex cannot apply
-    (["model.attention_dropout=0.0"], "flex"),
-    (LLAMA, "flex"),
-    (DEEPSEEK, "flex"),  # multi-latent attention: local cannot build it
-    ([*LLAMA, "parallel.cp=2"], "local"),
-    ([*LLAMA, "kernels.attention_backend=local"], "local"),
-    ([*LLAMA, "kernels.attention=sdpa"], "sdpa"),
-    ([*LLAMA, "kernels.attention=local"], "local"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "resolved"),
+    [
+        ([], "local"),  # vanilla_gpt has attention dropout 0.1, which flex cannot apply
+        (["model.attention_dropout=0.0"], "flex"),
+        (LLAMA, "flex"),
+        (DEEPSEEK, "flex"),  # multi-latent attention: local cannot build it
+        ([*LLAMA, "parallel.cp=2"], "local"),
+        ([*LLAMA, "kernels.attention_backend=local"], "local"),
+        ([*LLAMA, "kernels.attention=sdpa"], "sdpa"),
+        ([*LLAMA, "kernels.attention=local"], "local"),
+    ],
+)
 def test_auto_resolves_to_flex_where_it_applies(overrides, resolved):
     cfg = compose(overrides)
     assert config.attention(cfg) == resolved
@@ -59,11 +64,13 @@ def test_a_one_sided_spec_shows_in_the_parity_diff():
 def test_mlm_gets_the_spec_as_a_flag_and_bridge_as_code():
     cfg = compose(LLAMA)
     mlm, bridge = native("mlm", cfg), native("bridge", cfg)
-    assert mlm.argv[mlm.argv.index("--spec") + 1:][:2] == ["unified_train.kernels.spec", "flex_layer_spec"]
+    assert mlm.argv[mlm.argv.index("--spec") + 1 :][:2] == ["unified_train.kernels.spec", "flex_layer_spec"]
     assert bridge.container.model.transformer_layer_spec.__name__ == "flex_layer_spec"
     text = export.render(cfg, job_for(cfg))
     assert "--spec unified_train.kernels.spec flex_layer_spec" in text
-    assert "#   and in its Python: cfg.model.transformer_layer_spec = unified_train.kernels.spec.flex_layer_spec" in text
+    assert (
+        "#   and in its Python: cfg.model.transformer_layer_spec = unified_train.kernels.spec.flex_layer_spec" in text
+    )
     # The local spec is MLM's default: no flag, so upstream's pretrain_gpt.py needs nothing of ours.
     assert "--spec" not in native("mlm", compose(["parallel.dp=1"])).argv
 
@@ -74,22 +81,37 @@ def test_run_json_records_the_attention(tmp_path):
     assert json.loads((tmp_path / "job" / rundir.RUN_JSON).read_text())["attention"] == "flex"
 
 
-@pytest.mark.parametrize(("overrides", "line"), [
-    (["kernels.attention=flex"], "kernels.attention=flex with model.attention_dropout=0.1: flex and sdpa cannot "
-     "drop attention probabilities; set model.attention_dropout=0.0"),
-    ([*LLAMA, "kernels.attention=flex", "parallel.cp=2", "train.seq_length=512"],
-     "kernels.attention=flex with parallel.cp=2: our core attention has no context-parallel exchange; set "
-     "parallel.cp=1"),
-    ([*LLAMA, "kernels.attention=sdpa", "determinism=strict"],
-     "kernels.attention=sdpa is not deterministic in its backward (cuDNN, flash): use kernels.attention=flex with "
-     "determinism=strict"),
-    ([*DEEPSEEK, "kernels.attention=local"],
-     "model.multi_latent_attention=true cannot run on kernels.attention=local: megatron-core's local "
-     "DotProductAttention has no separate key/value head sizes; use kernels.attention=flex"),
-    ([*LLAMA, "kernels.attention=flex", "kernels.attention_backend=local"],
-     "kernels.attention=flex with kernels.attention_backend=local: it selects megatron-core's DotProductAttention; "
-     "set kernels.attention_backend=auto"),
-], ids=["dropout", "cp", "sdpa-deterministic", "mla-local", "backend-local"])
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (
+            ["kernels.attention=flex"],
+            "kernels.attention=flex with model.attention_dropout=0.1: flex and sdpa cannot "
+            "drop attention probabilities; set model.attention_dropout=0.0",
+        ),
+        (
+            [*LLAMA, "kernels.attention=flex", "parallel.cp=2", "train.seq_length=512"],
+            "kernels.attention=flex with parallel.cp=2: our core attention has no context-parallel exchange; set "
+            "parallel.cp=1",
+        ),
+        (
+            [*LLAMA, "kernels.attention=sdpa", "determinism=strict"],
+            "kernels.attention=sdpa is not deterministic in its backward (cuDNN, flash): use kernels.attention=flex "
+            "with determinism=strict",
+        ),
+        (
+            [*DEEPSEEK, "kernels.attention=local"],
+            "model.multi_latent_attention=true cannot run on kernels.attention=local: megatron-core's local "
+            "DotProductAttention has no separate key/value head sizes; use kernels.attention=flex",
+        ),
+        (
+            [*LLAMA, "kernels.attention=flex", "kernels.attention_backend=local"],
+            "kernels.attention=flex with kernels.attention_backend=local: it selects megatron-core's "
+            "DotProductAttention; set kernels.attention_backend=auto",
+        ),
+    ],
+    ids=["dropout", "cp", "sdpa-deterministic", "mla-local", "backend-local"],
+)
 def test_what_cannot_run_is_refused_in_one_line(overrides, line, tmp_path):
     assert checks.check(compose(overrides)) == [line]
     proc = run_cli(["mode=parity", *overrides], tmp_path, timeout=120)
@@ -102,4 +124,5 @@ def test_what_cannot_run_is_refused_in_one_line(overrides, line, tmp_path):
 def test_te_attention_needs_transformer_engine():
     assert checks.check(compose(["kernels.attention=te"])) == [
         "kernels.attention=te needs Transformer Engine's layer spec: install unified-train[te] and set "
-        "kernels.transformer_impl=auto, or choose kernels.attention=flex"]
+        "kernels.transformer_impl=auto, or choose kernels.attention=flex"
+    ]

@@ -66,15 +66,18 @@ def test_compare_main_exit_codes(tmp_path, capsys):
     assert compare.main([]) == 2
 
 
-@pytest.mark.parametrize("a, b, ulps", [
-    (1.0, 1.0078125, 1),   # bf16 has 7 explicit mantissa bits: 1 + 2**-7 is the next value
-    (1.0, 1.0, 0),
-    (1.0, 1.015625, 2),
-    (-1.0, -1.0078125, 1),
-    (2.0, 1.9921875, 1),   # across an exponent boundary
-    (0.0, -0.0, 0),
-    (-1.0, 1.0, 0x3F80 * 2),
-])
+@pytest.mark.parametrize(
+    "a, b, ulps",
+    [
+        (1.0, 1.0078125, 1),  # bf16 has 7 explicit mantissa bits: 1 + 2**-7 is the next value
+        (1.0, 1.0, 0),
+        (1.0, 1.015625, 2),
+        (-1.0, -1.0078125, 1),
+        (2.0, 1.9921875, 1),  # across an exponent boundary
+        (0.0, -0.0, 0),
+        (-1.0, 1.0, 0x3F80 * 2),
+    ],
+)
 def test_bf16_ulps(a, b, ulps):
     assert compare.bf16_ulps(a, b) == ulps
     assert compare.bf16_ulps(b, a) == ulps
@@ -115,5 +118,7 @@ def test_cross_tp_convergence_table(tmp_path):
     _tp_run(tmp_path / "2_mlm", "mlm", 4, [x * 1.3 for x in LOSSES])
     text, _ = compare.report([str(tmp_path)])
     assert "## convergence across TP: mlm, vanilla_gpt (reference tp=1)" in text
-    rows = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "pearson" in line}
+    rows = {
+        line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ") and "pearson" in line
+    }
     assert "| pass |" in rows["2"] and "| FAIL |" in rows["4"]

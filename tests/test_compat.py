@@ -130,7 +130,8 @@ def test_spawn_child_gets_the_compat_hooks(tmp_path):
     """A spawn child of a plain script (which never imports unified_train) can import Bridge's lora_layers,
     because unified_train_compat.pth installs the hooks at every interpreter start."""
     script = tmp_path / "spawn_probe.py"
-    script.write_text(textwrap.dedent("""
+    script.write_text(
+        textwrap.dedent("""
         import multiprocessing as mp
         import sys
 
@@ -148,9 +149,16 @@ def test_spawn_child_gets_the_compat_hooks(tmp_path):
             proc.join(600)
             print("EXIT", proc.exitcode)
             print("RESULT", queue.get(timeout=5) if proc.exitcode == 0 else None)
-    """))
-    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=600, env={**__import__("ut_helpers").subprocess_env()})
+    """)
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**__import__("ut_helpers").subprocess_env()},
+    )
     assert "EXIT 0" in proc.stdout, proc.stdout + proc.stderr[-3000:]
     assert "RESULT ('ok', False)" in proc.stdout
 
@@ -162,7 +170,9 @@ def test_pth_file_installs_compat_and_is_shipped():
 
     pth = (REPO / "unified_train_compat.pth").read_text().strip()
     assert pth.startswith("import ") and "install()" in pth
-    installed = [p for d in site.getsitepackages() for p in __import__("pathlib").Path(d).glob("unified_train_compat.pth")]
+    installed = [
+        p for d in site.getsitepackages() for p in __import__("pathlib").Path(d).glob("unified_train_compat.pth")
+    ]
     assert installed and installed[0].read_text().strip() == pth
 
 

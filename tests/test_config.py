@@ -24,9 +24,18 @@ def test_default_config_is_bridge_vanilla(default_cfg):
     assert cfg.backend.name == "mlm"
     m = cfg.model
     assert (m.name, m.num_layers, m.hidden_size, m.num_attention_heads, m.ffn_hidden_size) == (
-        "vanilla_gpt", 2, 256, 4, 1024)
+        "vanilla_gpt",
+        2,
+        256,
+        4,
+        1024,
+    )
     assert (cfg.train.seq_length, cfg.train.micro_batch_size, cfg.train.global_batch_size, cfg.train.iters) == (
-        512, 4, 32, 10)
+        512,
+        4,
+        32,
+        10,
+    )
     assert cfg.precision.dtype == "bf16"
     assert cfg.data.type == "mock"
     assert cfg.rng.seed == 1234
@@ -38,8 +47,21 @@ def test_default_config_is_bridge_vanilla(default_cfg):
 
 def test_config_has_the_required_groups():
     groups = {p.name for p in CONF.iterdir() if p.is_dir()}
-    assert {"backend", "model", "parallel", "train", "optim", "sched", "data", "precision", "checkpoint",
-            "validation", "logger", "rng", "determinism"} <= groups
+    assert {
+        "backend",
+        "model",
+        "parallel",
+        "train",
+        "optim",
+        "sched",
+        "data",
+        "precision",
+        "checkpoint",
+        "validation",
+        "logger",
+        "rng",
+        "determinism",
+    } <= groups
     assert {p.stem for p in (CONF / "backend").glob("*.yaml")} == {"mlm", "bridge"}
     assert {"mock", "indexed"} <= {p.stem for p in (CONF / "data").glob("*.yaml")}
     assert {"vanilla_gpt", "llama32_1b", "llama3_8b", "qwen3_8b", "deepseek_v2_lite"} <= set(PRESETS)
@@ -96,8 +118,9 @@ def test_short_run_derivations(default_cfg):
 
 
 def test_explicit_schedule_wins():
-    cfg = compose(["train.iters=100", "sched.lr_warmup_iters=7", "sched.lr_decay_iters=80",
-                   "validation.eval_interval=25"])
+    cfg = compose(
+        ["train.iters=100", "sched.lr_warmup_iters=7", "sched.lr_decay_iters=80", "validation.eval_interval=25"]
+    )
     assert (C.warmup_iters(cfg), C.decay_iters(cfg), C.eval_interval(cfg)) == (7, 80, 25)
 
 
@@ -126,23 +149,29 @@ def test_ffn_defaults_to_4h():
     assert C.ffn_hidden_size(compose()) == 1024
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.foo=1", "train.foo"),
-    ("model.hiddden_size=128", "model.hiddden_size"),
-    ("optim.beta2=0.9", "optim.beta2"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.foo=1", "train.foo"),
+        ("model.hiddden_size=128", "model.hiddden_size"),
+        ("optim.beta2=0.9", "optim.beta2"),
+    ],
+)
 def test_typo_key_fails_at_compose(override, key):
     with pytest.raises(ConfigCompositionException) as info:
         compose([override])
     assert key in str(info.value.__cause__)
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.iters=abc", "train.iters"),
-    ("model.hidden_size=1.5", "model.hidden_size"),
-    ("parallel.sequence_parallel=maybe", "parallel.sequence_parallel"),
-    ("optim.lr=fast", "optim.lr"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.iters=abc", "train.iters"),
+        ("model.hidden_size=1.5", "model.hidden_size"),
+        ("parallel.sequence_parallel=maybe", "parallel.sequence_parallel"),
+        ("optim.lr=fast", "optim.lr"),
+    ],
+)
 def test_wrong_type_fails_at_compose(override, key):
     with pytest.raises(ConfigCompositionException) as info:
         compose([override])

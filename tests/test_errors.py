@@ -19,11 +19,15 @@ BAD_INPUTS = {
     "gbs % (mbs*dp)": (["train.global_batch_size=30"], "train.global_batch_size"),
     "gbs % (mbs*dp), dp=2": (["parallel.dp=2", "train.global_batch_size=36"], "train.global_batch_size"),
     "sequence parallel with tp=1": (["parallel.sequence_parallel=true"], "parallel.sequence_parallel"),
-    "seq_length above position table": (["train.seq_length=1024", "model.max_position_embeddings=512"],
-                                        "train.seq_length"),
+    "seq_length above position table": (
+        ["train.seq_length=1024", "model.max_position_embeddings=512"],
+        "train.seq_length",
+    ),
     "bad choice": (["precision.dtype=fp8"], "precision.dtype"),
-    "missing tokenizer directory": (["data.tokenizer_type=HuggingFaceTokenizer", "data.tokenizer_model=/no/such/dir"],
-                                    "data.tokenizer_model=/no/such/dir"),
+    "missing tokenizer directory": (
+        ["data.tokenizer_type=HuggingFaceTokenizer", "data.tokenizer_model=/no/such/dir"],
+        "data.tokenizer_model=/no/such/dir",
+    ),
 }
 
 
@@ -139,8 +143,9 @@ def test_training_without_a_gpu_is_refused_before_anything_is_written(tmp_path):
 def test_dry_run_lists_every_sweep_job_with_its_world_size(tmp_path):
     from ut_helpers import REPO
 
-    proc = run_cli(["--dry-run", "-m", "-cd", str(REPO / "sweeps"), "-cn", "tp_size", "mode=parity"], tmp_path,
-                   timeout=120)
+    proc = run_cli(
+        ["--dry-run", "-m", "-cd", str(REPO / "sweeps"), "-cn", "tp_size", "mode=parity"], tmp_path, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     rows = [line for line in proc.stdout.splitlines() if line.startswith("| ") and "overrides" not in line]
     assert len(rows) == 12  # tp {1,2,4} x two sizes x two backends
@@ -157,11 +162,15 @@ def _earlier_run(run_dir):
     return {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
 
 
-@pytest.mark.parametrize("args, key", [
-    (["mode=preflight", "hydra.run.dir={d}"], "hydra.run.dir"),
-    (["mode=preflight", "run_dir={d}", "hydra.run.dir={d}_hydra"], "run_dir"),
-    (["-m", "backend=mlm,bridge", "mode=parity", "hydra.sweep.dir={d}"], "hydra.sweep.dir"),
-], ids=["run", "run_dir", "sweep"])
+@pytest.mark.parametrize(
+    "args, key",
+    [
+        (["mode=preflight", "hydra.run.dir={d}"], "hydra.run.dir"),
+        (["mode=preflight", "run_dir={d}", "hydra.run.dir={d}_hydra"], "run_dir"),
+        (["-m", "backend=mlm,bridge", "mode=parity", "hydra.sweep.dir={d}"], "hydra.sweep.dir"),
+    ],
+    ids=["run", "run_dir", "sweep"],
+)
 def test_an_earlier_run_is_never_overwritten(args, key, tmp_path):
     """Refused before Hydra starts: Hydra would otherwise rewrite .hydra/ (and multirun.yaml) first."""
     earlier = tmp_path / "earlier"
@@ -179,16 +188,23 @@ def test_a_torchrun_rank_refuses_an_earlier_run_before_hydra_starts(tmp_path):
     write for an earlier run; the earlier run's outputs still stop every rank before Hydra writes anything."""
     earlier = tmp_path / "earlier"
     before = _earlier_run(earlier)
-    proc = run_cli(["mode=preflight", f"hydra.run.dir={earlier}"], tmp_path, timeout=120,
-                   env={"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"})
+    proc = run_cli(
+        ["mode=preflight", f"hydra.run.dir={earlier}"],
+        tmp_path,
+        timeout=120,
+        env={"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"},
+    )
     assert proc.returncode == 2, proc.stderr
     (line,) = _error_lines(proc.stderr)
     assert line.startswith(f"unified_train: hydra.run.dir: {earlier} already holds metrics.jsonl:"), line
     assert {p: p.read_bytes() for p in earlier.rglob("*") if p.is_file()} == before
 
 
-@pytest.mark.parametrize("env", [{"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, {"SLURM_STEP_NUM_TASKS": "2"}],
-                         ids=["torchrun", "srun"])
+@pytest.mark.parametrize(
+    "env",
+    [{"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}, {"SLURM_STEP_NUM_TASKS": "2"}],
+    ids=["torchrun", "srun"],
+)
 def test_the_ranks_of_one_job_need_one_explicit_directory(env, tmp_path):
     """Every rank composes its own timestamped default directory; the ranks would write into different ones."""
     proc = run_cli(["mode=preflight"], tmp_path, timeout=120, env=env)
@@ -223,8 +239,10 @@ def test_a_resume_that_would_not_happen_is_refused(tmp_path):
     proc = run_cli([f"checkpoint.load={run}", "mode=parity"], tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr
     (line,) = _error_lines(proc.stderr)
-    assert line == (f"unified_train: checkpoint.load={run} holds no checkpoint (no latest_checkpointed_iteration.txt), "
-                    f"so neither stack would resume: give checkpoint.load={run}/checkpoints")
+    assert line == (
+        f"unified_train: checkpoint.load={run} holds no checkpoint (no latest_checkpointed_iteration.txt), "
+        f"so neither stack would resume: give checkpoint.load={run}/checkpoints"
+    )
 
 
 def test_a_model_too_big_for_the_gpu_is_refused_and_the_gpu_is_asked_once(tmp_path):
@@ -233,18 +251,26 @@ def test_a_model_too_big_for_the_gpu_is_refused_and_the_gpu_is_asked_once(tmp_pa
     bin_dir, calls = tmp_path / "bin", tmp_path / "calls"
     bin_dir.mkdir()
     smi = bin_dir / "nvidia-smi"
-    smi.write_text(f"#!/bin/sh\necho \"$@\" >> {calls}\necho 81559\n")
+    smi.write_text(f'#!/bin/sh\necho "$@" >> {calls}\necho 81559\n')
     smi.chmod(0o755)
     work = tmp_path / "work"
     work.mkdir()
-    proc = run_cli(["-m", "model=vanilla_gpt,llama3_8b", "backend=mlm,bridge"], work, timeout=120,
-                   env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "CUDA_VISIBLE_DEVICES": "0"})
+    proc = run_cli(
+        ["-m", "model=vanilla_gpt,llama3_8b", "backend=mlm,bridge"],
+        work,
+        timeout=120,
+        env={"PATH": f"{bin_dir}:{os.environ['PATH']}", "CUDA_VISIBLE_DEVICES": "0"},
+    )
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.startswith("unified_train:")]
     assert len(lines) == 2, lines
-    assert all("model.name=llama3_8b: weights + optimizer state need ~" in line and "the GPU has 80 GiB" in line
-               for line in lines), lines
+    assert all(
+        "model.name=llama3_8b: weights + optimizer state need ~" in line and "the GPU has 80 GiB" in line
+        for line in lines
+    ), lines
     assert {line.split("] ")[0] for line in lines} == {
-        "unified_train: [model=llama3_8b backend=mlm", "unified_train: [model=llama3_8b backend=bridge"}
+        "unified_train: [model=llama3_8b backend=mlm",
+        "unified_train: [model=llama3_8b backend=bridge",
+    }
     assert calls.read_text().splitlines() == ["--query-gpu=memory.total --format=csv,noheader,nounits"]
     assert list(work.iterdir()) == []

@@ -15,12 +15,23 @@ _VOLATILE = {"rank", "local_rank", "world_size"}
 
 CONFIGS = {
     "default": ["parallel.dp=1"],
-    "llama32_1b tp2 pp2": ["model=llama32_1b", "model.num_layers=4", "parallel.tp=2", "parallel.pp=2",
-                           "parallel.dp=1"],
-    "deepseek tp2 ep2": ["model=deepseek_v2_lite", "model.num_layers=2", "parallel.tp=2", "parallel.ep=2",
-                         "parallel.dp=2"],
-    "qwen3 cp2 seed": ["model=qwen3_8b", "model.num_layers=2", "parallel.cp=2", "parallel.dp=1", "rng.seed=7",
-                       "train.iters=2000", "optim.adam_beta2=0.98"],
+    "llama32_1b tp2 pp2": ["model=llama32_1b", "model.num_layers=4", "parallel.tp=2", "parallel.pp=2", "parallel.dp=1"],
+    "deepseek tp2 ep2": [
+        "model=deepseek_v2_lite",
+        "model.num_layers=2",
+        "parallel.tp=2",
+        "parallel.ep=2",
+        "parallel.dp=2",
+    ],
+    "qwen3 cp2 seed": [
+        "model=qwen3_8b",
+        "model.num_layers=2",
+        "parallel.cp=2",
+        "parallel.dp=1",
+        "rng.seed=7",
+        "train.iters=2000",
+        "optim.adam_beta2=0.98",
+    ],
 }
 
 
@@ -48,7 +59,7 @@ def test_mlm_flags_round_trip_through_mlm_parser(exported):
     cfg, commands, printed = exported
     cmd = printed["mlm"]
     assert cmd[:2] == ["torchrun", f"--nproc-per-node={native('mlm', cfg).world_size}"]
-    argv = cmd[cmd.index("pretrain_gpt.py") + 1:]
+    argv = cmd[cmd.index("pretrain_gpt.py") + 1 :]
     world = int(cmd[1].split("=")[1])
     reparsed = vars(parse_and_validate(argv, world))
     built = vars(native("mlm", cfg).args)
@@ -60,10 +71,13 @@ def test_mlm_flags_round_trip_through_mlm_parser(exported):
 def test_mlm_flags_carry_the_unified_values(exported):
     cfg, _, printed = exported
     cmd = printed["mlm"]
-    args = parse_and_validate(cmd[cmd.index("pretrain_gpt.py") + 1:], int(cmd[1].split("=")[1]))
+    args = parse_and_validate(cmd[cmd.index("pretrain_gpt.py") + 1 :], int(cmd[1].split("=")[1]))
     m = cfg.model
-    assert (args.num_layers, args.hidden_size, args.num_attention_heads) == (m.num_layers, m.hidden_size,
-                                                                             m.num_attention_heads)
+    assert (args.num_layers, args.hidden_size, args.num_attention_heads) == (
+        m.num_layers,
+        m.hidden_size,
+        m.num_attention_heads,
+    )
     assert args.tensor_model_parallel_size == cfg.parallel.tp
     assert args.pipeline_model_parallel_size == cfg.parallel.pp
     assert args.context_parallel_size == cfg.parallel.cp
@@ -127,9 +141,9 @@ def test_round_trip_comparison_detects_a_lost_flag(exported):
     """The comparison above is not vacuous: dropping one printed flag changes the parsed namespace."""
     cfg, _, printed = exported
     cmd = printed["mlm"]
-    argv = cmd[cmd.index("pretrain_gpt.py") + 1:]
+    argv = cmd[cmd.index("pretrain_gpt.py") + 1 :]
     i = argv.index("--adam-beta2")
-    args = parse_and_validate(argv[:i] + argv[i + 2:], int(cmd[1].split("=")[1]))
+    args = parse_and_validate(argv[:i] + argv[i + 2 :], int(cmd[1].split("=")[1]))
     built = native("mlm", cfg).args
     if built.adam_beta2 == 0.999:  # MLM's own default
         pytest.skip("beta2 equals MLM's default")

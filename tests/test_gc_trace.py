@@ -22,8 +22,14 @@ sys.exit(int(sys.argv[1]))
 
 def _gc_trace(out, *argv, stdin=None):
     """scripts/gc_trace.py OUT argv...: the finished child process and the trace it wrote."""
-    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "gc_trace.py"), str(out), *argv], input=stdin,
-                          check=False, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "gc_trace.py"), str(out), *argv],
+        input=stdin,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     return proc, json.loads(out.read_text())
 
 

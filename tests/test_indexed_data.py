@@ -36,8 +36,15 @@ def hf_tokenizer(tmp_path_factory):
 def test_a_tokenizer_of_its_own_sizes_both_embeddings(corpus, hf_tokenizer):
     """A Hugging Face tokenizer brings its own vocabulary: both stacks size (and pad) the embedding from it, not
     from model.vocab_size, and the parity diff sees what each stack's setup will build."""
-    cfg = compose(["data=indexed", f"data.tokenizer_model={hf_tokenizer}", f"data.data_path=[{corpus}/a]",
-                   "data.split='90,5,5'", "parallel.dp=1"])
+    cfg = compose(
+        [
+            "data=indexed",
+            f"data.tokenizer_model={hf_tokenizer}",
+            f"data.data_path=[{corpus}/a]",
+            "data.split='90,5,5'",
+            "parallel.dp=1",
+        ]
+    )
     both = describe_both(cfg)
     assert both["mlm"]["gpt.vocab_size"] == both["bridge"]["gpt.vocab_size"] == 1024  # 1000 padded to 128
     assert parity.diff(both["mlm"], both["bridge"]) == []
@@ -88,8 +95,12 @@ print("RESULT", json.dumps(out))
 def test_both_stacks_draw_the_same_blended_samples(corpus, hf_tokenizer, tmp_path):
     from unified_train.runtime.ranks import free_port
 
-    overrides = ["data=indexed", f"data.tokenizer_model={hf_tokenizer}", "data.split='90,5,5'",
-                 f"data.data_path=['0.3 {corpus}/a','0.7 {corpus}/b']"]
+    overrides = [
+        "data=indexed",
+        f"data.tokenizer_model={hf_tokenizer}",
+        "data.split='90,5,5'",
+        f"data.data_path=['0.3 {corpus}/a','0.7 {corpus}/b']",
+    ]
     proc = run_python(_BUILD_BOTH, tmp_path, timeout=400, args=(json.dumps(overrides), str(free_port())))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT ", 1)[1])
@@ -123,8 +134,10 @@ def test_a_split_that_gets_no_sequence_is_refused(corpus, tmp_path):
     proc = run_cli([*DATA, f"data.data_path=[{corpus}/a]", "mode=parity"], tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("unified_train:")]
-    assert line.startswith("unified_train: data.split=9999,8,2: the validation and test split gets none of the 300 "
-                           f"sequences of {corpus}/a"), line
+    assert line.startswith(
+        "unified_train: data.split=9999,8,2: the validation and test split gets none of the 300 "
+        f"sequences of {corpus}/a"
+    ), line
     assert "validation.eval_iters=0" in line
     assert list(tmp_path.iterdir()) == []
     cfg = compose([*DATA, f"data.data_path=[{corpus}/a]", "validation.eval_iters=0"])
@@ -137,7 +150,11 @@ def test_missing_data_files_are_refused(tmp_path):
     proc = run_cli([*DATA, f"data.data_path=[{tmp_path}/nowhere]", "mode=parity"], tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr
     (line,) = [x for x in proc.stderr.splitlines() if x.startswith("unified_train:")]
-    assert line == f"unified_train: data.data_path: {tmp_path}/nowhere.bin not found: give the prefixes of .bin/.idx pairs, without the extension"
+    assert (
+        line
+        == f"unified_train: data.data_path: {tmp_path}/nowhere.bin not found: give the prefixes of .bin/.idx pairs, "
+        "without the extension"
+    )
 
 
 def test_a_split_without_shares_is_refused(corpus):

@@ -14,17 +14,35 @@ import pytest
 from ut_helpers import REPO, run_python
 
 PACKAGE = REPO / "unified_train"
-LIGHT = ["config", "compose", "validate", "checks", "resources", "rundir", "datafiles", "slurm", "mcore_fields",
-         "compat", "backends", "kernels", "results.compare", "results.panels", "results.metrics",
-         "results.wandb_runs", "__main__"]
+LIGHT = [
+    "config",
+    "compose",
+    "validate",
+    "checks",
+    "resources",
+    "rundir",
+    "datafiles",
+    "slurm",
+    "mcore_fields",
+    "compat",
+    "backends",
+    "kernels",
+    "results.compare",
+    "results.panels",
+    "results.metrics",
+    "results.wandb_runs",
+    "__main__",
+]
 HEAVY = ("torch", "megatron", "wandb", "transformer_engine", "matplotlib")
 
 
 @pytest.mark.parametrize("module", LIGHT)
 def test_light_module_imports_nothing_heavy(module, tmp_path):
-    code = ("import importlib, json, sys\n"
-            f"importlib.import_module('unified_train.{module}')\n"
-            f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))))\n")
+    code = (
+        "import importlib, json, sys\n"
+        f"importlib.import_module('unified_train.{module}')\n"
+        f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({HEAVY!r}))))\n"
+    )
     proc = run_python(code, tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads(proc.stdout.splitlines()[-1]) == []
@@ -32,8 +50,9 @@ def test_light_module_imports_nothing_heavy(module, tmp_path):
 
 def _imports() -> dict[str, set[str]]:
     """Every module of the package -> the package modules it imports (at module level or inside functions)."""
-    names = {".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p
-             for p in PACKAGE.rglob("*.py")}
+    names = {
+        ".".join(p.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__"): p for p in PACKAGE.rglob("*.py")
+    }
     graph = {}
     for name, path in names.items():
         found = set()

@@ -12,8 +12,7 @@ from unified_train.results import metrics
 
 
 def _sink(tmp_path, write=True):
-    return metrics.MetricsSink(str(tmp_path), backend="mlm", tokens_per_iteration=32 * 512, world_size=1,
-                                write=write)
+    return metrics.MetricsSink(str(tmp_path), backend="mlm", tokens_per_iteration=32 * 512, world_size=1, write=write)
 
 
 def test_one_record_per_iteration_with_val_loss_on_the_evaluated_iteration(tmp_path):
@@ -99,7 +98,9 @@ def test_startup_phases_are_timed_from_the_process_start(tmp_path):
 
     # The clock starts when the process does (as for the benchmark that starts it), not when the module loads.
     start = time.perf_counter()
-    code = "import time; time.sleep(0.5); from unified_train.results.metrics import process_seconds; print(process_seconds())"
-    out = subprocess.run([sys.executable, "-c", code],
-                         capture_output=True, text=True, check=True).stdout
+    code = (
+        "import time; time.sleep(0.5)\n"
+        "from unified_train.results.metrics import process_seconds; print(process_seconds())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert 0.5 <= float(out) <= time.perf_counter() - start + 0.02  # /proc counts in 10 ms ticks

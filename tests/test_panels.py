@@ -28,8 +28,13 @@ def sweep(tmp_path_factory):
 
 def test_offline_writes_the_spec_and_prints_sync_and_panel_commands(sweep):
     env = {k: v for k, v in subprocess_env().items() if k != "WANDB_API_KEY"}
-    proc = subprocess.run([sys.executable, "-m", "unified_train.results.panels", str(sweep)], env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "unified_train.results.panels", str(sweep)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     spec = json.loads((sweep / panels.SPEC_FILE).read_text())
     pid = rundir.pair_id(compose(["model=llama32_1b", "parallel.tp=2"]))

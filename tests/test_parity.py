@@ -27,8 +27,17 @@ def default_both():
 def test_describe_covers_every_required_section(default_both):
     for side in ("mlm", "bridge"):
         keys = default_both[side]
-        for prefix in ("transformer.", "gpt.", "optimizer.", "ddp.", "dataset.", "train.", "rng.", "schedule.lr@",
-                       "schedule.weight_decay@"):
+        for prefix in (
+            "transformer.",
+            "gpt.",
+            "optimizer.",
+            "ddp.",
+            "dataset.",
+            "train.",
+            "rng.",
+            "schedule.lr@",
+            "schedule.weight_decay@",
+        ):
             assert any(k.startswith(prefix) for k in keys), (side, prefix)
         # One lr and one weight decay per iteration of the (10-iteration) run.
         assert sum(k.startswith("schedule.lr@") for k in keys) == 10
@@ -64,8 +73,9 @@ def test_default_config_has_zero_differences(default_both):
 
 
 def _topology_cfg(preset, tp, pp, extra=()):
-    return compose([f"model={preset}", "model.num_layers=4", f"parallel.tp={tp}", f"parallel.pp={pp}",
-                    "parallel.dp=1", *extra])
+    return compose(
+        [f"model={preset}", "model.num_layers=4", f"parallel.tp={tp}", f"parallel.pp={pp}", "parallel.dp=1", *extra]
+    )
 
 
 @pytest.mark.parametrize("tp, pp", TOPOLOGIES, ids=[f"tp{t}pp{p}" for t, p in TOPOLOGIES])
@@ -91,20 +101,30 @@ def test_invalid_topologies_are_exactly_the_head_counts():
     assert invalid == {("vanilla_gpt", 8), ("gpt_125m", 8)}
 
 
-@pytest.mark.parametrize("extra", [
-    ["parallel.dp=2"],
-    ["parallel.tp=2", "parallel.sequence_parallel=true"],
-    ["parallel.pp=2", "parallel.vpp=2", "model.num_layers=4"],
-    ["parallel.cp=2"],
-    ["train.iters=30", "sched=linear"],
-    ["rng.seed=42"],
-    ["rng.seed=42", "data.seed=7"],
-    ["data.dataloader_type=cyclic"],
-    ["precision=fp32"],
-    ["kernels.bias_activation_fusion=true", "kernels.bias_dropout_fusion=true"],
-    ["model=llama32_1b", "model.num_layers=2", "train.seq_length=1024"],
-    ["model=deepseek_v2_lite", "model.num_layers=4", "parallel.ep=4", "parallel.dp=4", "train.global_batch_size=64"],
-], ids=lambda e: " ".join(e) if isinstance(e, list) else None)
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ["parallel.dp=2"],
+        ["parallel.tp=2", "parallel.sequence_parallel=true"],
+        ["parallel.pp=2", "parallel.vpp=2", "model.num_layers=4"],
+        ["parallel.cp=2"],
+        ["train.iters=30", "sched=linear"],
+        ["rng.seed=42"],
+        ["rng.seed=42", "data.seed=7"],
+        ["data.dataloader_type=cyclic"],
+        ["precision=fp32"],
+        ["kernels.bias_activation_fusion=true", "kernels.bias_dropout_fusion=true"],
+        ["model=llama32_1b", "model.num_layers=2", "train.seq_length=1024"],
+        [
+            "model=deepseek_v2_lite",
+            "model.num_layers=4",
+            "parallel.ep=4",
+            "parallel.dp=4",
+            "train.global_batch_size=64",
+        ],
+    ],
+    ids=lambda e: " ".join(e) if isinstance(e, list) else None,
+)
 def test_zero_differences_for_other_knobs(extra):
     cfg = compose(["parallel.dp=1", *extra])
     assert checks.check(cfg) == []

@@ -14,8 +14,12 @@ from unified_train.runtime import env
 
 def test_two_spawned_ranks_report_and_summarize(tmp_path):
     run_dir = tmp_path / "job"
-    proc = run_cli(["mode=preflight", "parallel.dp=2", f"hydra.run.dir={run_dir}"], tmp_path, timeout=400,
-                   env={"NCCL_NVLS_ENABLE": "1"})  # a shell that would turn NVLink multicast on
+    proc = run_cli(
+        ["mode=preflight", "parallel.dp=2", f"hydra.run.dir={run_dir}"],
+        tmp_path,
+        timeout=400,
+        env={"NCCL_NVLS_ENABLE": "1"},
+    )  # a shell that would turn NVLink multicast on
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "preflight: OK: ranks [0, 1] of world 2" in proc.stdout
     reports = [json.loads((run_dir / "preflight" / f"rank_{r}.json").read_text()) for r in (0, 1)]
@@ -31,8 +35,9 @@ def test_two_spawned_ranks_report_and_summarize(tmp_path):
 
 def test_a_parity_difference_fails_the_preflight(tmp_path):
     run_dir = tmp_path / "job"
-    proc = run_cli(["mode=preflight", "backend.extra=[--adam-beta2,0.999]", f"hydra.run.dir={run_dir}"], tmp_path,
-                   timeout=400)
+    proc = run_cli(
+        ["mode=preflight", "backend.extra=[--adam-beta2,0.999]", f"hydra.run.dir={run_dir}"], tmp_path, timeout=400
+    )
     assert proc.returncode == 1
     assert "parity DIFFERS" in proc.stdout
     report = json.loads((run_dir / "preflight" / "rank_0.json").read_text())
@@ -43,9 +48,23 @@ def test_under_torchrun_every_rank_checks_and_rank_0_sums_up(tmp_path):
     """Started by an existing launcher (torchrun sets the rank variables): no ranks are spawned, each of the two
     processes is one rank."""
     run_dir = tmp_path / "job"
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "-m", "unified_train",
-                           "mode=preflight", f"hydra.run.dir={run_dir}"], cwd=tmp_path, env=subprocess_env(),
-                          capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node=2",
+            "-m",
+            "unified_train",
+            "mode=preflight",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert proc.stdout.count("preflight: OK: ranks [0, 1] of world 2") == 1  # rank 0 only
     reports = [json.loads((run_dir / "preflight" / f"rank_{r}.json").read_text()) for r in (0, 1)]

@@ -20,8 +20,12 @@ from unified_train.runtime.ranks import RANK_VARIABLES
 
 LOCAL_SLURM = REPO / "scripts" / "local_slurm.sh"
 # A CPU-only cluster: no GPU is requested, and the job's two tasks are its two ranks (gloo).
-CPU_SLURM = ["hydra/launcher=slurm", "parallel.gpus_per_node=2", "hydra.launcher.gpus_per_node=null",
-             "hydra.launcher.cpus_per_task=1"]
+CPU_SLURM = [
+    "hydra/launcher=slurm",
+    "parallel.gpus_per_node=2",
+    "hydra.launcher.gpus_per_node=null",
+    "hydra.launcher.cpus_per_task=1",
+]
 
 
 @pytest.fixture
@@ -29,21 +33,36 @@ def task_env():
     """Sets a Slurm task's environment; the whole environment is restored afterwards (the code under test
     exports torch's rank variables into os.environ itself)."""
     with mock.patch.dict(os.environ):
+
         def set_env(**values):
             for key in [k for k in os.environ if k.startswith(("SLURM_", "SUBMITIT_"))] + list(RANK_VARIABLES):
                 os.environ.pop(key, None)
             os.environ.update({key: str(value) for key, value in values.items()})
+
         yield set_env
 
 
 def test_a_slurm_task_becomes_a_torch_rank_without_narrowing_the_gpus(task_env):
     """Task 5 of a 2-node x 4-task step: torch's env:// variables from Slurm's, every GPU still visible."""
-    task_env(SLURM_JOB_ID=4242, SLURM_NTASKS=8, SLURM_STEP_NUM_TASKS=8, SLURM_JOB_NUM_NODES=2,
-                    SLURM_NODEID=1, SLURM_JOB_NODELIST="gpu[007-008]", SLURM_PROCID=5, SLURM_LOCALID=1,
-                    CUDA_VISIBLE_DEVICES="0,1,2,3")
+    task_env(
+        SLURM_JOB_ID=4242,
+        SLURM_NTASKS=8,
+        SLURM_STEP_NUM_TASKS=8,
+        SLURM_JOB_NUM_NODES=2,
+        SLURM_NODEID=1,
+        SLURM_JOB_NODELIST="gpu[007-008]",
+        SLURM_PROCID=5,
+        SLURM_LOCALID=1,
+        CUDA_VISIBLE_DEVICES="0,1,2,3",
+    )
     assert ranks.adopt_slurm_ranks() is True
     assert {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")} == {
-        "RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "gpu007"}
+        "RANK": "5",
+        "WORLD_SIZE": "8",
+        "LOCAL_RANK": "1",
+        "LOCAL_WORLD_SIZE": "4",
+        "MASTER_ADDR": "gpu007",
+    }
     assert 20000 <= int(os.environ["MASTER_PORT"]) <= 60000  # the same on every task: seeded by the job id
     assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1,2,3"
 
@@ -57,28 +76,53 @@ def test_a_batch_script_process_or_torchrun_rank_is_left_alone(task_env):
 
 def test_dry_run_prints_the_sbatch_script_and_starts_nothing(tmp_path):
     sweep = tmp_path / "sweep"
-    proc = run_cli(["-m", "hydra/launcher=slurm", "backend=mlm,bridge", "parallel.nnodes=2", "parallel.gpus_per_node=8",
-                    "train.global_batch_size=64",
-                    "hydra.launcher.partition=batch", "hydra.launcher.account=llm", "hydra.launcher.timeout_min=30",
-                    "hydra.launcher.setup=[source /shared/venv/bin/activate]",
-                    "+hydra.launcher.additional_parameters.container-image=nvcr.io/nvidia/pytorch:25.09-py3",
-                    f"hydra.sweep.dir={sweep}", "--dry-run"], tmp_path)
+    proc = run_cli(
+        [
+            "-m",
+            "hydra/launcher=slurm",
+            "backend=mlm,bridge",
+            "parallel.nnodes=2",
+            "parallel.gpus_per_node=8",
+            "train.global_batch_size=64",
+            "hydra.launcher.partition=batch",
+            "hydra.launcher.account=llm",
+            "hydra.launcher.timeout_min=30",
+            "hydra.launcher.setup=[source /shared/venv/bin/activate]",
+            "+hydra.launcher.additional_parameters.container-image=nvcr.io/nvidia/pytorch:25.09-py3",
+            f"hydra.sweep.dir={sweep}",
+            "--dry-run",
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     table, script = proc.stdout.split("sbatch script for the 2 job(s)")
     assert table.count("| 16 |") == 2  # world size: 2 nodes x 8 GPUs, for both backends
-    for line in ("#SBATCH --array=0-1%2", "#SBATCH --nodes=2", "#SBATCH --ntasks-per-node=8",
-                 "#SBATCH --gpus-per-node=8", "#SBATCH --partition=batch", "#SBATCH --account=llm",
-                 "#SBATCH --time=30", "#SBATCH --container-image=nvcr.io/nvidia/pytorch:25.09-py3",
-                 "source /shared/venv/bin/activate", f"-m submitit.core._submit {sweep}/.submitit/%j"):
+    for line in (
+        "#SBATCH --array=0-1%2",
+        "#SBATCH --nodes=2",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --partition=batch",
+        "#SBATCH --account=llm",
+        "#SBATCH --time=30",
+        "#SBATCH --container-image=nvcr.io/nvidia/pytorch:25.09-py3",
+        "source /shared/venv/bin/activate",
+        f"-m submitit.core._submit {sweep}/.submitit/%j",
+    ):
         assert line in script, line
     assert not sweep.exists()
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["hydra/launcher=slurm"], "parallel.gpus_per_node is unset: hydra/launcher=slurm starts one rank per GPU"),
-    (["hydra/launcher=slurm", "parallel.gpus_per_node=4", "parallel.dp=8"],
-     "parallel.tp*pp*cp*dp = 8 ranks but the Slurm job has 1 node(s) x 4 tasks = 4"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["hydra/launcher=slurm"], "parallel.gpus_per_node is unset: hydra/launcher=slurm starts one rank per GPU"),
+        (
+            ["hydra/launcher=slurm", "parallel.gpus_per_node=4", "parallel.dp=8"],
+            "parallel.tp*pp*cp*dp = 8 ranks but the Slurm job has 1 node(s) x 4 tasks = 4",
+        ),
+    ],
+)
 def test_slurm_sweeps_that_cannot_start_are_refused(tmp_path, overrides, message):
     proc = run_cli(["-m", "backend=mlm,bridge", *overrides, f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
     assert proc.returncode == 2 and message in proc.stderr, proc.stderr
@@ -118,8 +162,17 @@ def test_preflight_sweep_runs_as_a_slurm_array_of_two_rank_jobs(slurm_env, tmp_p
     """backend=mlm,bridge x two seeds = 4 array elements of 2 tasks each: every task is one rank that builds both
     native configs, diffs them and all-reduces; the comparison callback then sums the sweep up."""
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "unified_train", "-m", *CPU_SLURM, "mode=preflight",
-           "backend=mlm,bridge", "rng.seed=1,2", f"hydra.sweep.dir={sweep}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "unified_train",
+        "-m",
+        *CPU_SLURM,
+        "mode=preflight",
+        "backend=mlm,bridge",
+        "rng.seed=1,2",
+        f"hydra.sweep.dir={sweep}",
+    ]
     proc = subprocess.run(cmd, cwd=tmp_path, env=slurm_env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     job_dirs = sorted(p.parent for p in sweep.glob("*/run.json"))

@@ -18,8 +18,7 @@ def _env(cfg, run_dir, sweep_id):
 
 
 def test_pair_halves_share_the_group_and_differ_in_job_type(tmp_path):
-    envs = {b: _env(compose([f"backend={b}", "model=llama32_1b"]), tmp_path, "s1")
-            for b in ("mlm", "bridge")}
+    envs = {b: _env(compose([f"backend={b}", "model=llama32_1b"]), tmp_path, "s1") for b in ("mlm", "bridge")}
     assert envs["mlm"]["WANDB_RUN_GROUP"] == envs["bridge"]["WANDB_RUN_GROUP"]
     assert envs["mlm"]["WANDB_RUN_GROUP"] == rundir.pair_id(compose(["model=llama32_1b"]))
     assert (envs["mlm"]["WANDB_JOB_TYPE"], envs["bridge"]["WANDB_JOB_TYPE"]) == ("mlm", "bridge")
@@ -46,9 +45,13 @@ def test_logger_none_disables_wandb_in_both_stacks(tmp_path):
 def test_both_stacks_get_project_name_and_save_dir(tmp_path):
     cfg = compose(["logger.wandb.project=proj", "logger.wandb.entity=team"])
     argv = build_argv(cfg, job_for(cfg, tmp_path))
-    for flag, value in (("--wandb-project", "proj"), ("--wandb-entity", "team"),
-                        ("--wandb-exp-name", "vanilla_gpt-tp1-pp1-mlm"),
-                        ("--wandb-save-dir", str(tmp_path / "wandb")), ("--tensorboard-dir", str(tmp_path / "tensorboard"))):
+    for flag, value in (
+        ("--wandb-project", "proj"),
+        ("--wandb-entity", "team"),
+        ("--wandb-exp-name", "vanilla_gpt-tp1-pp1-mlm"),
+        ("--wandb-save-dir", str(tmp_path / "wandb")),
+        ("--tensorboard-dir", str(tmp_path / "tensorboard")),
+    ):
         assert argv[argv.index(flag) + 1] == value  # MLM sends metrics to W&B only with a TensorBoard dir
 
 
@@ -79,8 +82,14 @@ def test_the_two_halves_of_an_in_process_pair_get_their_own_job_type(tmp_path):
         "    wandb.log({'lm loss': 10.0}, step=1)\n"
         "    wandb_runs.end_run()\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], cwd=Path(__file__).parent,
-                          env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)],
+        cwd=Path(__file__).parent,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = {b: wandb_runs.read_offline_run(str(tmp_path / b / "wandb")) for b in ("mlm", "bridge")}
     assert {b: r["job_type"] for b, r in runs.items()} == {"mlm": "mlm", "bridge": "bridge"}

@@ -22,10 +22,19 @@ def write_run_dir(directory, backend, pair_id="p123", losses=LOSSES, complete=Tr
     from unified_train.results import metrics
 
     directory.mkdir(parents=True)
-    rundir.write_identity(rundir.JobIdentity(backend=backend, model="vanilla_gpt", tp=1, pp=1, world_size=1,
-                                             pair_id=pair_id, attention=attention, run_dir=str(directory)))
-    sink = metrics.MetricsSink(str(directory), backend=backend, tokens_per_iteration=16384, world_size=1,
-                                write=True)
+    rundir.write_identity(
+        rundir.JobIdentity(
+            backend=backend,
+            model="vanilla_gpt",
+            tp=1,
+            pp=1,
+            world_size=1,
+            pair_id=pair_id,
+            attention=attention,
+            run_dir=str(directory),
+        )
+    )
+    sink = metrics.MetricsSink(str(directory), backend=backend, tokens_per_iteration=16384, world_size=1, write=True)
     for it, loss in enumerate(losses, start=1):
         sink.record_train(it, loss=loss, grad_norm=2.0 / it, lr=3e-4 * min(1, it) / it, seconds=0.1)
         if it == len(losses):
@@ -46,8 +55,9 @@ def job_for(cfg, run_dir=None, sweep_id="single"):
     """The job identity app.run computes for `cfg` (world size from the config and this process)."""
     from unified_train import resources, rundir
 
-    return rundir.identity(cfg, world_size=resources.world_size(cfg), sweep_id=sweep_id,
-                           run_dir=None if run_dir is None else str(run_dir))
+    return rundir.identity(
+        cfg, world_size=resources.world_size(cfg), sweep_id=sweep_id, run_dir=None if run_dir is None else str(run_dir)
+    )
 
 
 def native(backend: str, cfg, run_dir=None):
@@ -75,15 +85,27 @@ def subprocess_env() -> dict:
 
 def run_cli(args, cwd, *, python_flags=(), timeout=300, env=None) -> subprocess.CompletedProcess:
     """`python -m unified_train ARGS` in a fresh interpreter, from `cwd` (with `env` added to the environment)."""
-    return subprocess.run([sys.executable, *python_flags, "-m", "unified_train", *args], cwd=cwd,
-                          env={**subprocess_env(), **(env or {})}, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *python_flags, "-m", "unified_train", *args],
+        cwd=cwd,
+        env={**subprocess_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def run_python(code: str, cwd, timeout=300, args=(), env=None) -> subprocess.CompletedProcess:
     """`python -c CODE` in a fresh interpreter; `env` entries are added, or removed where their value is None."""
     full_env = {**subprocess_env(), **(env or {})}
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env={k: v for k, v in full_env.items() if v is not None})
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={k: v for k, v in full_env.items() if v is not None},
+    )
 
 
 def offline_wandb_run(cfg, run_dir, sweep_id: str, losses=(9.0, 8.0, 7.0), unified=None) -> None:
@@ -101,8 +123,13 @@ def offline_wandb_run(cfg, run_dir, sweep_id: str, losses=(9.0, 8.0, 7.0), unifi
         "wandb_runs.add_unified_config(eval(sys.argv[3]))\n"
         "wandb.finish()\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, env["WANDB_DIR"], repr(list(losses)), repr(unified or {})],
-                          env={**subprocess_env(), **env}, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, env["WANDB_DIR"], repr(list(losses)), repr(unified or {})],
+        env={**subprocess_env(), **env},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
@@ -127,7 +154,9 @@ def write_hf_tokenizer(path) -> Path:
 
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
-    tok.train_from_iterator([f"the quick brown fox jumps over the lazy dog {i}" for i in range(2000)],
-                            trainers.BpeTrainer(vocab_size=1000, special_tokens=["<unk>", "<|endoftext|>"]))
+    tok.train_from_iterator(
+        [f"the quick brown fox jumps over the lazy dog {i}" for i in range(2000)],
+        trainers.BpeTrainer(vocab_size=1000, special_tokens=["<unk>", "<|endoftext|>"]),
+    )
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>").save_pretrained(path)
     return Path(path)

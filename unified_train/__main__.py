@@ -15,8 +15,19 @@ import hydra
 from unified_train.config import register_configs
 
 # Hydra flags that only print or inspect; they never run a job, so they skip the up-front validation.
-_INSPECT_FLAGS = ("-h", "--help", "--hydra-help", "-c", "--cfg", "-i", "--info", "-sc", "--shell-completion", "-p",
-                  "--package")
+_INSPECT_FLAGS = (
+    "-h",
+    "--help",
+    "--hydra-help",
+    "-c",
+    "--cfg",
+    "-i",
+    "--info",
+    "-sc",
+    "--shell-completion",
+    "-p",
+    "--package",
+)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

@@ -37,7 +37,9 @@ def choices(cfg) -> list[str]:
 
 def parallel_sizes(cfg) -> list[str]:
     p = cfg.parallel
-    return [f"parallel.{key}={getattr(p, key)}: must be >= 1" for key in ("tp", "pp", "cp", "ep") if getattr(p, key) < 1]
+    return [
+        f"parallel.{key}={getattr(p, key)}: must be >= 1" for key in ("tp", "pp", "cp", "ep") if getattr(p, key) < 1
+    ]
 
 
 def topology(cfg) -> list[str]:
@@ -45,29 +47,41 @@ def topology(cfg) -> list[str]:
     m, p = cfg.model, cfg.parallel
     errors = []
     if m.num_attention_heads % p.tp:
-        errors.append(f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}: "
-                      f"choose parallel.tp from {_divisors(m.num_attention_heads)}")
+        errors.append(
+            f"model.num_attention_heads={m.num_attention_heads} is not divisible by parallel.tp={p.tp}: "
+            f"choose parallel.tp from {_divisors(m.num_attention_heads)}"
+        )
     groups = m.num_query_groups if m.num_query_groups is not None else m.num_attention_heads
     if m.num_attention_heads % groups:
-        errors.append(f"model.num_query_groups={groups} does not divide model.num_attention_heads="
-                      f"{m.num_attention_heads}: choose one of {_divisors(m.num_attention_heads)}")
+        errors.append(
+            f"model.num_query_groups={groups} does not divide model.num_attention_heads="
+            f"{m.num_attention_heads}: choose one of {_divisors(m.num_attention_heads)}"
+        )
     elif groups != m.num_attention_heads and groups % p.tp and not m.multi_latent_attention:
-        errors.append(f"model.num_query_groups={groups} is not divisible by parallel.tp={p.tp}: "
-                      f"choose parallel.tp from {_divisors(groups)}")
+        errors.append(
+            f"model.num_query_groups={groups} is not divisible by parallel.tp={p.tp}: "
+            f"choose parallel.tp from {_divisors(groups)}"
+        )
     stages = p.pp * (p.vpp or 1)
     if m.num_layers % stages:
         what = "parallel.pp*parallel.vpp" if p.vpp else "parallel.pp"
-        errors.append(f"model.num_layers={m.num_layers} is not divisible by {what}={stages}: "
-                      f"choose parallel.pp from {_divisors(m.num_layers)}")
+        errors.append(
+            f"model.num_layers={m.num_layers} is not divisible by {what}={stages}: "
+            f"choose parallel.pp from {_divisors(m.num_layers)}"
+        )
     if p.sequence_parallel and p.tp == 1:
         errors.append("parallel.sequence_parallel=true needs parallel.tp > 1: set parallel.sequence_parallel=false")
     if m.num_experts is not None:
         if m.num_experts % p.ep:
-            errors.append(f"model.num_experts={m.num_experts} is not divisible by parallel.ep={p.ep}: "
-                          f"choose parallel.ep from {_divisors(m.num_experts)}")
+            errors.append(
+                f"model.num_experts={m.num_experts} is not divisible by parallel.ep={p.ep}: "
+                f"choose parallel.ep from {_divisors(m.num_experts)}"
+            )
         if not 0 <= m.moe_first_dense_layers < m.num_layers:
-            errors.append(f"model.moe_first_dense_layers={m.moe_first_dense_layers}: must be below "
-                          f"model.num_layers={m.num_layers}")
+            errors.append(
+                f"model.moe_first_dense_layers={m.moe_first_dense_layers}: must be below "
+                f"model.num_layers={m.num_layers}"
+            )
     elif p.ep > 1:
         errors.append(f"parallel.ep={p.ep} needs a mixture-of-experts model: set parallel.ep=1")
     if p.cp > 1 and cfg.train.seq_length % (2 * p.cp):
@@ -79,9 +93,11 @@ def batch(cfg) -> list[str]:
     t = cfg.train
     dp = resources.data_parallel_size(cfg)
     if t.global_batch_size % (t.micro_batch_size * dp):
-        return [f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size"
-                f"={t.micro_batch_size} x data-parallel size {dp}: set train.global_batch_size to a multiple "
-                f"of {t.micro_batch_size * dp}"]
+        return [
+            f"train.global_batch_size={t.global_batch_size} is not divisible by train.micro_batch_size"
+            f"={t.micro_batch_size} x data-parallel size {dp}: set train.global_batch_size to a multiple "
+            f"of {t.micro_batch_size * dp}"
+        ]
     return []
 
 
@@ -91,12 +107,16 @@ def position_table(cfg) -> list[str]:
         return []
     table = C.position_table_size(cfg)
     if seq > table:
-        return [f"train.seq_length={seq} is above the position table model.max_position_embeddings={table}: "
-                "lower train.seq_length or raise model.max_position_embeddings"]
+        return [
+            f"train.seq_length={seq} is above the position table model.max_position_embeddings={table}: "
+            "lower train.seq_length or raise model.max_position_embeddings"
+        ]
     if table != seq:
-        return [f"model.max_position_embeddings={table} differs from train.seq_length={seq}: Bridge sizes the "
-                "learned position table from the sequence length, so the stacks would initialise differently; set "
-                "model.max_position_embeddings=null"]
+        return [
+            f"model.max_position_embeddings={table} differs from train.seq_length={seq}: Bridge sizes the "
+            "learned position table from the sequence length, so the stacks would initialise differently; set "
+            "model.max_position_embeddings=null"
+        ]
     return []
 
 
@@ -104,8 +124,10 @@ def schedule(cfg) -> list[str]:
     errors = []
     warmup, decay = C.warmup_iters(cfg), C.decay_iters(cfg)
     if warmup >= decay:
-        errors.append(f"sched.lr_warmup_iters={warmup} must be below the decay length {decay}: "
-                      f"set sched.lr_warmup_iters=null to derive it")
+        errors.append(
+            f"sched.lr_warmup_iters={warmup} must be below the decay length {decay}: "
+            f"set sched.lr_warmup_iters=null to derive it"
+        )
     if cfg.train.iters < 1:
         errors.append(f"train.iters={cfg.train.iters}: must be >= 1")
     return errors
@@ -113,8 +135,9 @@ def schedule(cfg) -> list[str]:
 
 def determinism(cfg) -> list[str]:
     if cfg.determinism.deterministic_mode and cfg.kernels.cross_entropy_loss_fusion:
-        return ["determinism.deterministic_mode=true needs kernels.cross_entropy_loss_fusion=false "
-                "(use determinism=strict)"]
+        return [
+            "determinism.deterministic_mode=true needs kernels.cross_entropy_loss_fusion=false (use determinism=strict)"
+        ]
     return []
 
 
@@ -122,7 +145,9 @@ def data(cfg) -> list[str]:
     d = cfg.data
     errors = []
     if d.type == "indexed" and not d.data_path:
-        errors.append("data.data_path is empty: give the .bin/.idx prefixes, e.g. data.data_path=[/data/my_text_document]")
+        errors.append(
+            "data.data_path is empty: give the .bin/.idx prefixes, e.g. data.data_path=[/data/my_text_document]"
+        )
     errors += datafiles.problems(cfg)
     if d.type == "mock" and d.data_path:
         errors.append("data.data_path is set but data.type=mock: use data=indexed")
@@ -143,22 +168,30 @@ def tokenizer(cfg) -> list[str]:
 def kernels(cfg) -> list[str]:
     k = cfg.kernels
     if k.transformer_impl == "transformer_engine" and not importable("transformer_engine"):
-        return ["kernels.transformer_impl=transformer_engine but Transformer Engine is not installed: "
-                "use kernels.transformer_impl=auto or install unified-train[te]"]
+        return [
+            "kernels.transformer_impl=transformer_engine but Transformer Engine is not installed: "
+            "use kernels.transformer_impl=auto or install unified-train[te]"
+        ]
     attention = C.attention(cfg)
     if k.attention in ("flex", "sdpa"):
         errors = [f"kernels.attention={k.attention} with {blocker}" for blocker in C.our_attention_blockers(cfg)]
         if k.attention == "sdpa" and cfg.determinism.deterministic_mode:
-            errors.append("kernels.attention=sdpa is not deterministic in its backward (cuDNN, flash): use "
-                          "kernels.attention=flex with determinism=strict")
+            errors.append(
+                "kernels.attention=sdpa is not deterministic in its backward (cuDNN, flash): use "
+                "kernels.attention=flex with determinism=strict"
+            )
         return errors
     if attention == "te" and C.transformer_impl(cfg) != "transformer_engine":
-        return ["kernels.attention=te needs Transformer Engine's layer spec: install unified-train[te] and set "
-                "kernels.transformer_impl=auto, or choose kernels.attention=flex"]
+        return [
+            "kernels.attention=te needs Transformer Engine's layer spec: install unified-train[te] and set "
+            "kernels.transformer_impl=auto, or choose kernels.attention=flex"
+        ]
     if attention == "local" and cfg.model.multi_latent_attention:
         why = f" ({C.our_attention_blockers(cfg)[0]})" if k.attention == "auto" else ""
-        return [f"model.multi_latent_attention=true cannot run on kernels.attention=local{why}: megatron-core's "
-                "local DotProductAttention has no separate key/value head sizes; use kernels.attention=flex"]
+        return [
+            f"model.multi_latent_attention=true cannot run on kernels.attention=local{why}: megatron-core's "
+            "local DotProductAttention has no separate key/value head sizes; use kernels.attention=flex"
+        ]
     return []
 
 
@@ -174,8 +207,10 @@ def resume(cfg) -> list[str]:
         return []
     hint = os.path.join(load, rundir.CHECKPOINTS)
     fix = f"checkpoint.load={hint}" if rundir.holds_checkpoint(hint) else "a run's checkpoints/ directory"
-    return [f"checkpoint.load={load} holds no checkpoint (no {rundir.CHECKPOINT_TRACKER}), so neither stack would "
-            f"resume: give {fix}"]
+    return [
+        f"checkpoint.load={load} holds no checkpoint (no {rundir.CHECKPOINT_TRACKER}), so neither stack would "
+        f"resume: give {fix}"
+    ]
 
 
 def importable(module: str) -> bool:

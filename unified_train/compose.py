@@ -20,5 +20,6 @@ def compose(overrides=(), *, config_dir: str | None = None, config_name: str = "
     GlobalHydra.instance().clear()
     search = [f"hydra.searchpath=[file://{CONF_DIR}]"] if config_dir else []
     with initialize_config_dir(config_dir=config_dir or CONF_DIR, version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=list(overrides) + search,
-                             return_hydra_config=with_hydra)
+        return hydra_compose(
+            config_name=config_name, overrides=list(overrides) + search, return_hydra_config=with_hydra
+        )

@@ -315,19 +315,25 @@ def our_attention_blockers(cfg) -> list[str]:
     m, p, d = cfg.model, cfg.parallel, cfg.data
     out = []
     if m.attention_dropout > 0:
-        out.append(f"model.attention_dropout={m.attention_dropout}: flex and sdpa cannot drop attention "
-                   "probabilities; set model.attention_dropout=0.0")
+        out.append(
+            f"model.attention_dropout={m.attention_dropout}: flex and sdpa cannot drop attention "
+            "probabilities; set model.attention_dropout=0.0"
+        )
     if p.cp > 1:
         out.append(f"parallel.cp={p.cp}: our core attention has no context-parallel exchange; set parallel.cp=1")
     if d.reset_attention_mask:
         out.append("data.reset_attention_mask=true: per-document masks need kernels.attention=local")
     if cfg.kernels.attention_backend == "local":
         # Both model builders then write DotProductAttention back over the spec's core attention.
-        out.append("kernels.attention_backend=local: it selects megatron-core's DotProductAttention; set "
-                   "kernels.attention_backend=auto")
+        out.append(
+            "kernels.attention_backend=local: it selects megatron-core's DotProductAttention; set "
+            "kernels.attention_backend=auto"
+        )
     if transformer_impl(cfg) == "transformer_engine":
-        out.append("kernels.transformer_impl resolves to transformer_engine: flex and sdpa run in the local layer "
-                   "spec; set kernels.transformer_impl=local or kernels.attention=te")
+        out.append(
+            "kernels.transformer_impl resolves to transformer_engine: flex and sdpa run in the local layer "
+            "spec; set kernels.transformer_impl=local or kernels.attention=te"
+        )
     return out
 
 

@@ -62,16 +62,21 @@ def problems(cfg) -> list[str]:
         return []
     shares = split_shares(d.split)
     if shares is None:
-        return [(f"data.split={d.split}: give up to three non-negative shares of train,validation,test, e.g. "
-                 "data.split='90,5,5'")]
-    bounds = [(sum(shares[:i]), sum(shares[:i + 1])) for i in range(len(shares))]  # MCore's split matrix
+        return [
+            (
+                f"data.split={d.split}: give up to three non-negative shares of train,validation,test, e.g. "
+                "data.split='90,5,5'"
+            )
+        ]
+    bounds = [(sum(shares[:i]), sum(shares[: i + 1])) for i in range(len(shares))]  # MCore's split matrix
     drawn_from = (True, cfg.validation.eval_iters > 0, cfg.validation.eval_iters > 0)
     out = []
     for prefix in prefixes(d.data_path):
         missing = [prefix + ext for ext in (".bin", ".idx") if not os.path.isfile(prefix + ext)]
         if missing:
-            out.append(f"data.data_path: {missing[0]} not found: give the prefixes of .bin/.idx pairs, without "
-                       "the extension")
+            out.append(
+                f"data.data_path: {missing[0]} not found: give the prefixes of .bin/.idx pairs, without the extension"
+            )
             continue
         try:
             n = sequence_count(prefix)
@@ -79,11 +84,16 @@ def problems(cfg) -> list[str]:
             out.append(f"data.data_path: {exc}")
             continue
         # MCore's own rounding of the split bounds (BlendedMegatronDatasetBuilder).
-        empty = [name for name, (begin, end), needed in zip(_SPLITS, bounds, drawn_from, strict=True)
-                 if needed and end > begin and round(end * n) == round(begin * n)]
+        empty = [
+            name
+            for name, (begin, end), needed in zip(_SPLITS, bounds, drawn_from, strict=True)
+            if needed and end > begin and round(end * n) == round(begin * n)
+        ]
         if empty:
             fix = " or set validation.eval_iters=0" if "train" not in empty else ""
-            out.append(f"data.split={d.split}: the {' and '.join(empty)} split gets none of the {n} sequences of "
-                       f"{prefix}, and MCore would wait for ever for its samples: raise its share, e.g. "
-                       f"data.split='90,5,5'{fix}")
+            out.append(
+                f"data.split={d.split}: the {' and '.join(empty)} split gets none of the {n} sequences of "
+                f"{prefix}, and MCore would wait for ever for its samples: raise its share, e.g. "
+                f"data.split='90,5,5'{fix}"
+            )
     return out

@@ -30,8 +30,9 @@ PINNED_TRANSFORMER = dict(
     fp8_recipe="tensorwise",
     deallocate_pipeline_outputs=True,  # memory only; Bridge's MLA provider turns it off
 )
-PINNED_OPTIMIZER = dict(barrier_with_L1_time=True, fp8_recipe="tensorwise", muon_momentum=0.9,
-                        optimizer_offload_fraction=1.0)
+PINNED_OPTIMIZER = dict(
+    barrier_with_L1_time=True, fp8_recipe="tensorwise", muon_momentum=0.9, optimizer_offload_fraction=1.0
+)
 PINNED_DDP = dict(data_parallel_sharding_strategy="optim_grads_params")
 
 
@@ -212,15 +213,25 @@ def rng(cfg) -> dict:
 def logger(cfg, job: rundir.JobIdentity) -> dict:
     """LoggerConfig fields (MLM flags and Bridge's LoggerConfig share the names). W&B grouping (group = pair id,
     job_type = backend, tags) travels in the environment both stacks' `wandb.init` reads: see results/wandb_runs.py."""
-    out = dict(log_interval=cfg.logger.log_interval, tensorboard_dir=None, wandb_project=None,
-               wandb_exp_name=None, wandb_save_dir=None, wandb_entity=None)
+    out = dict(
+        log_interval=cfg.logger.log_interval,
+        tensorboard_dir=None,
+        wandb_project=None,
+        wandb_exp_name=None,
+        wandb_save_dir=None,
+        wandb_entity=None,
+    )
     if job.run_dir is None:
         return out
     if cfg.logger.tensorboard:
         out["tensorboard_dir"] = job.subdir(rundir.TENSORBOARD)
     if cfg.logger.wandb.enabled:
-        out.update(wandb_project=cfg.logger.wandb.project, wandb_exp_name=job.run_name,
-                   wandb_save_dir=job.subdir(rundir.WANDB_DIR), wandb_entity=cfg.logger.wandb.entity)
+        out.update(
+            wandb_project=cfg.logger.wandb.project,
+            wandb_exp_name=job.run_name,
+            wandb_save_dir=job.subdir(rundir.WANDB_DIR),
+            wandb_entity=cfg.logger.wandb.entity,
+        )
     return out
 
 
@@ -228,5 +239,9 @@ def checkpoint(cfg, job: rundir.JobIdentity) -> dict:
     """CheckpointConfig fields: saved into the run directory (at the end unless an interval is set), loaded only
     when checkpoint.load names a checkpoint."""
     save = job.subdir(rundir.CHECKPOINTS) if cfg.checkpoint.save else None
-    return dict(save=save, save_interval=cfg.checkpoint.save_interval or cfg.train.iters,
-                ckpt_format=cfg.checkpoint.format, load=cfg.checkpoint.load)
+    return dict(
+        save=save,
+        save_interval=cfg.checkpoint.save_interval or cfg.train.iters,
+        ckpt_format=cfg.checkpoint.format,
+        load=cfg.checkpoint.load,
+    )

@@ -84,8 +84,12 @@ def query_gpu_memory():
     if not visible_gpus():
         return None
     try:
-        return subprocess.Popen(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        return subprocess.Popen(
+            ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+        )
     except OSError:
         return None
 
@@ -119,6 +123,8 @@ def check(cfg) -> list[str]:
     total = gpu_memory_gib()
     est = memory_gib_per_gpu(cfg)
     if total is not None and est > 0.9 * total:
-        return [f"model.name={cfg.model.name}: weights + optimizer state need ~{est:.0f} GiB per GPU, the GPU has "
-                f"{total:.0f} GiB: raise parallel.tp/parallel.pp or use a smaller model"]
+        return [
+            f"model.name={cfg.model.name}: weights + optimizer state need ~{est:.0f} GiB per GPU, the GPU has "
+            f"{total:.0f} GiB: raise parallel.tp/parallel.pp or use a smaller model"
+        ]
     return []

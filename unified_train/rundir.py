@@ -95,9 +95,19 @@ class JobIdentity:
 
 
 def identity(cfg, *, world_size: int, sweep_id: str = SINGLE, run_dir: str | None = None) -> JobIdentity:
-    return JobIdentity(backend=cfg.backend.name, mode=cfg.mode, model=cfg.model.name, tp=cfg.parallel.tp,
-                       pp=cfg.parallel.pp, world_size=world_size, pair_id=pair_id(cfg), tp_group=tp_group_id(cfg),
-                       attention=C.attention(cfg), sweep_id=sweep_id, run_dir=run_dir)
+    return JobIdentity(
+        backend=cfg.backend.name,
+        mode=cfg.mode,
+        model=cfg.model.name,
+        tp=cfg.parallel.tp,
+        pp=cfg.parallel.pp,
+        world_size=world_size,
+        pair_id=pair_id(cfg),
+        tp_group=tp_group_id(cfg),
+        attention=C.attention(cfg),
+        sweep_id=sweep_id,
+        run_dir=run_dir,
+    )
 
 
 def from_record(record: dict, run_dir: str | None = None) -> JobIdentity:
@@ -244,12 +254,15 @@ def check_run_dir(run_dir: str, key: str = "run_dir", started: bool = True) -> s
         return None
     leftovers = [f for f in os.listdir(run_dir) if not (started and (f in HYDRA_OWN or f.endswith(".log")))]
     if leftovers:
-        return (f"{key}: {run_dir} already holds {', '.join(sorted(leftovers)[:4])}: "
-                f"choose a new {key}; resuming is explicit via checkpoint.load")
+        return (
+            f"{key}: {run_dir} already holds {', '.join(sorted(leftovers)[:4])}: "
+            f"choose a new {key}; resuming is explicit via checkpoint.load"
+        )
     return None
 
 
 def holds_checkpoint(directory: str) -> bool:
     """A checkpoint directory (with the tracker) or one iteration's directory of it."""
-    return (os.path.isfile(os.path.join(directory, CHECKPOINT_TRACKER))
-            or os.path.basename(directory.rstrip("/")).startswith("iter_"))
+    return os.path.isfile(os.path.join(directory, CHECKPOINT_TRACKER)) or os.path.basename(
+        directory.rstrip("/")
+    ).startswith("iter_")

@@ -20,8 +20,10 @@ def is_slurm(launcher: dict | None) -> bool:
     return bool(launcher) and launcher.get("_target_") == SLURM_LAUNCHER
 
 
-NEEDS_GPUS_PER_NODE = ("parallel.gpus_per_node is unset: hydra/launcher=slurm starts one rank per GPU on each of "
-                       "parallel.nnodes nodes; set parallel.gpus_per_node (e.g. parallel.gpus_per_node=8)")
+NEEDS_GPUS_PER_NODE = (
+    "parallel.gpus_per_node is unset: hydra/launcher=slurm starts one rank per GPU on each of "
+    "parallel.nnodes nodes; set parallel.gpus_per_node (e.g. parallel.gpus_per_node=8)"
+)
 
 
 def check(cfg, launcher: dict) -> list[str]:
@@ -31,9 +33,11 @@ def check(cfg, launcher: dict) -> list[str]:
     tasks = launcher["nodes"] * launcher["tasks_per_node"]
     world = resources.world_size(cfg)
     if world != tasks:
-        return [f"parallel.tp*pp*cp*dp = {world} ranks but the Slurm job has {launcher['nodes']} node(s) x "
-                f"{launcher['tasks_per_node']} tasks = {tasks}: set parallel.dp=null (all GPUs) or match "
-                "parallel.nnodes/parallel.gpus_per_node"]
+        return [
+            f"parallel.tp*pp*cp*dp = {world} ranks but the Slurm job has {launcher['nodes']} node(s) x "
+            f"{launcher['tasks_per_node']} tasks = {tasks}: set parallel.dp=null (all GPUs) or match "
+            "parallel.nnodes/parallel.gpus_per_node"
+        ]
     return []
 
 
@@ -49,5 +53,6 @@ def sbatch_preview(launcher: dict, num_jobs: int) -> str:
         native["mem"] = slurm._convert_mem(native["mem"])
     folder = str(Path(launcher["submitit_folder"]).expanduser().absolute())  # as submitit's executor holds it
     command = " ".join([shlex.quote(sys.executable), "-u -m submitit.core._submit", shlex.quote(folder)])
-    return slurm._make_sbatch_string(command=command, folder=folder, map_count=num_jobs if num_jobs > 1 else None,
-                                     **native)
+    return slurm._make_sbatch_string(
+        command=command, folder=folder, map_count=num_jobs if num_jobs > 1 else None, **native
+    )

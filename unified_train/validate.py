@@ -135,8 +135,12 @@ def _output_dir_problems(hcfg, multirun: bool) -> list[str]:
         dirs["run_dir"] = hcfg.run_dir
     pattern = OmegaConf.to_container(node, resolve=False)["dir"]
     if several and not hcfg.run_dir and "${now:" in pattern:
-        return [(f"{key}: the ranks of this job need one output directory, and {pattern} is timestamped per "
-                 f"process: give {key}=DIR (the same on every rank)")]
+        return [
+            (
+                f"{key}: the ranks of this job need one output directory, and {pattern} is timestamped per "
+                f"process: give {key}=DIR (the same on every rank)"
+            )
+        ]
     problems = [rundir.check_run_dir(d, k, started=several) for k, d in dirs.items()]
     return [p for p in problems if p]
 
@@ -144,17 +148,26 @@ def _output_dir_problems(hcfg, multirun: bool) -> list[str]:
 def dry_run_table(points: list[Point]) -> str:
     """`--dry-run`: the jobs a command would start, with their world sizes, without starting them (and, with
     hydra/launcher=slurm, the sbatch script that would be submitted)."""
-    lines = ["| # | overrides | world size | params | GiB/GPU (weights+optimizer) | status |", "|---:|---|---:|---:|---:|---|"]
+    lines = [
+        "| # | overrides | world size | params | GiB/GPU (weights+optimizer) | status |",
+        "|---:|---|---:|---:|---:|---|",
+    ]
     for i, p in enumerate(points):
         if p.cfg is None:
             lines.append(f"| {i} | {' '.join(p.overrides)} | | | | {'; '.join(p.errors)} |")
             continue
         status = "; ".join(p.errors) if p.errors else "ok"
-        lines.append(f"| {i} | {' '.join(p.overrides)} | {resources.world_size(p.cfg)} | {resources.param_count(p.cfg) / 1e6:,.0f}M "
-                     f"| {resources.memory_gib_per_gpu(p.cfg):.1f} | {status} |")
+        lines.append(
+            f"| {i} | {' '.join(p.overrides)} | {resources.world_size(p.cfg)} "
+            f"| {resources.param_count(p.cfg) / 1e6:,.0f}M | {resources.memory_gib_per_gpu(p.cfg):.1f} | {status} |"
+        )
     if points and slurm.is_slurm(points[0].launcher):
-        lines += ["", f"sbatch script for the {len(points)} job(s) (one array element each):", "",
-                  slurm.sbatch_preview(points[0].launcher, len(points))]
+        lines += [
+            "",
+            f"sbatch script for the {len(points)} job(s) (one array element each):",
+            "",
+            slurm.sbatch_preview(points[0].launcher, len(points)),
+        ]
     return "\n".join(lines)
 
 

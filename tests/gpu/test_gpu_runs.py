@@ -31,8 +31,18 @@ UPSTREAM_RTOL = 1e-5
 # The default pair's losses, bit for bit, per GPU model (inductor's deterministic choice depends on the device).
 # H200: torch 2.11.0+cu130, megatron-core 0.19.2, megatron-bridge 0.6.2; both backends, in one process and apart.
 GOLDEN_LOSSES = {
-    "NVIDIA H200": [10.419971466064453, 10.418210983276367, 10.274856567382812, 10.16401195526123, 10.052499771118164,
-                    10.01019287109375, 9.882621765136719, 9.795151710510254, 9.78929615020752, 9.756372451782227],
+    "NVIDIA H200": [
+        10.419971466064453,
+        10.418210983276367,
+        10.274856567382812,
+        10.16401195526123,
+        10.052499771118164,
+        10.01019287109375,
+        9.882621765136719,
+        9.795151710510254,
+        9.78929615020752,
+        9.756372451782227,
+    ],
 }
 QUIET = ["logger=none", "checkpoint=none"]
 
@@ -44,8 +54,9 @@ def _run(args: list[str], log: Path, launcher: tuple[str, ...] = ("-m",)) -> Non
     # kernels (jit_fuser) are compiled, and eager versions round differently.
     env.pop("TORCHDYNAMO_DISABLE", None)
     with open(log, "w") as f:
-        proc = subprocess.run([sys.executable, *launcher, "unified_train", *args], cwd=REPO, env=env, stdout=f,
-                              stderr=subprocess.STDOUT)
+        proc = subprocess.run(
+            [sys.executable, *launcher, "unified_train", *args], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT
+        )
     assert proc.returncode == 0, f"{' '.join(args)} failed; see {log}:\n" + log.read_text()[-3000:]
 
 
@@ -70,11 +81,14 @@ def _assert_bitwise(a: list[dict], b: list[dict]) -> None:
         assert _series(a, key) == _series(b, key), f"{key} differs: {_series(a, key)} vs {_series(b, key)}"
 
 
-def _pair(tmp_path: Path, name: str, *overrides: str, quiet: bool = True,
-          order: str = "mlm,bridge") -> dict[str, list[dict]]:
+def _pair(
+    tmp_path: Path, name: str, *overrides: str, quiet: bool = True, order: str = "mlm,bridge"
+) -> dict[str, list[dict]]:
     sweep = tmp_path / name
-    _run(["-m", f"backend={order}", f"hydra.sweep.dir={sweep}", *(QUIET if quiet else []), *overrides],
-         tmp_path / f"{name}.log")
+    _run(
+        ["-m", f"backend={order}", f"hydra.sweep.dir={sweep}", *(QUIET if quiet else []), *overrides],
+        tmp_path / f"{name}.log",
+    )
     runs = {b: _metrics(d) for b, d in _job_dirs(sweep).items()}
     assert set(runs) == {"mlm", "bridge"}
     report = (sweep / "comparison.md").read_text()
@@ -147,9 +161,11 @@ def test_both_stacks_log_the_pair_to_wandb(default_sweep, default_pair):
         logged = [h["lm loss"] for h in run["history"] if "lm loss" in h]
         assert logged == pytest.approx(_series(default_pair[backend], "lm loss"), rel=1e-6)
         assert any("grad-norm" in h for h in run["history"])
-        lines.append(f"- {backend}: group {run['group']}, job_type {run['job_type']}, tags {run['tags']}, "
-                     f"{len(logged)} lm loss values, equal to metrics.jsonl: "
-                     f"{logged == _series(default_pair[backend], 'lm loss')}")
+        lines.append(
+            f"- {backend}: group {run['group']}, job_type {run['job_type']}, tags {run['tags']}, "
+            f"{len(logged)} lm loss values, equal to metrics.jsonl: "
+            f"{logged == _series(default_pair[backend], 'lm loss')}"
+        )
     assert (default_sweep / "wandb_panels.json").exists()
     _publish("W&B runs read back", "\n".join(lines))
 
@@ -180,8 +196,11 @@ def test_process_isolation_is_bitwise_and_matches_upstream(isolated_pair):
 
 def test_under_torchrun_equals_the_pair(isolated_pair, tmp_path):
     run_dir = tmp_path / "torchrun"
-    _run(["backend=bridge", f"hydra.run.dir={run_dir}", *QUIET], tmp_path / "torchrun.log",
-         launcher=("-m", "torch.distributed.run", "--nproc-per-node=1", "-m"))
+    _run(
+        ["backend=bridge", f"hydra.run.dir={run_dir}", *QUIET],
+        tmp_path / "torchrun.log",
+        launcher=("-m", "torch.distributed.run", "--nproc-per-node=1", "-m"),
+    )
     _assert_bitwise(_metrics(run_dir), isolated_pair["bridge"])
 
 
@@ -198,8 +217,14 @@ def test_indexed_data_with_a_tokenizer_of_its_own_is_bitwise(tmp_path):
     for name, documents, seed in (("a", 300, 0), ("b", 500, 1)):
         write_indexed_prefix(tmp_path / name, documents, seed)
     tokenizer = write_hf_tokenizer(tmp_path / "tokenizer")
-    runs = _pair(tmp_path, "indexed_pair", "data=indexed", f"data.tokenizer_model={tokenizer}", "data.split='90,5,5'",
-                 f"data.data_path=['0.3 {tmp_path}/a','0.7 {tmp_path}/b']")
+    runs = _pair(
+        tmp_path,
+        "indexed_pair",
+        "data=indexed",
+        f"data.tokenizer_model={tokenizer}",
+        "data.split='90,5,5'",
+        f"data.data_path=['0.3 {tmp_path}/a','0.7 {tmp_path}/b']",
+    )
     _assert_bitwise(runs["mlm"], runs["bridge"])
 
 
@@ -209,11 +234,18 @@ def test_cyclic_sampler_aligns_validation_and_test_losses(tmp_path):
     runs = _pair(tmp_path, "cyclic_pair", "data.dataloader_type=cyclic")
     _assert_bitwise(runs["mlm"], runs["bridge"])
     assert runs["mlm"][-1]["val_loss"] == runs["bridge"][-1]["val_loss"]
-    summaries = {b: json.loads((d / "summary.json").read_text()) for b, d in _job_dirs(tmp_path / "cyclic_pair").items()}
+    summaries = {
+        b: json.loads((d / "summary.json").read_text()) for b, d in _job_dirs(tmp_path / "cyclic_pair").items()
+    }
     for key in ("final_valid_loss", "test_loss"):
         assert summaries["mlm"][key] == summaries["bridge"][key], (key, summaries)
-    _publish("cyclic sampler: validation", f"val_loss@{len(runs['mlm'])} {runs['mlm'][-1]['val_loss']!r} (both); "
-             + ", ".join(f"{k} {summaries['mlm'][k]!r} / {summaries['bridge'][k]!r}" for k in ("final_valid_loss", "test_loss")))
+    _publish(
+        "cyclic sampler: validation",
+        f"val_loss@{len(runs['mlm'])} {runs['mlm'][-1]['val_loss']!r} (both); "
+        + ", ".join(
+            f"{k} {summaries['mlm'][k]!r} / {summaries['bridge'][k]!r}" for k in ("final_valid_loss", "test_loss")
+        ),
+    )
 
 
 def _attention(sweep: Path) -> dict[str, str]:
@@ -242,14 +274,28 @@ def test_flex_agrees_with_local_attention_over_50_iterations(tmp_path):
     """The kernel is right, not only self-consistent: 50 iterations of a llama-style model on flex and on
     megatron-core's own DotProductAttention pass the statistical gate against each other."""
     sweep = tmp_path / "flex_vs_local"
-    _run(["-m", "backend=mlm", "kernels.attention=flex,local", "model=llama32_1b", "model.num_layers=2",
-          "train.iters=50", f"hydra.sweep.dir={sweep}", *QUIET], tmp_path / "flex_vs_local.log")
+    _run(
+        [
+            "-m",
+            "backend=mlm",
+            "kernels.attention=flex,local",
+            "model=llama32_1b",
+            "model.num_layers=2",
+            "train.iters=50",
+            f"hydra.sweep.dir={sweep}",
+            *QUIET,
+        ],
+        tmp_path / "flex_vs_local.log",
+    )
     runs = {json.loads(p.read_text())["attention"]: _metrics(p.parent) for p in sweep.rglob("run.json")}
-    local, flex = (dict(zip(_series(runs[k], "iteration"), _series(runs[k], "lm loss"), strict=True))
-                   for k in ("local", "flex"))
+    local, flex = (
+        dict(zip(_series(runs[k], "iteration"), _series(runs[k], "lm loss"), strict=True)) for k in ("local", "flex")
+    )
     ok, detail = compare.statistical(local, flex)
     golden_ok, golden_detail = compare.golden(local, flex)
-    _publish("flex vs local, 50 iterations", f"statistical: {detail}; golden: {golden_detail}; "
-             f"final lm loss local {local[50]!r}, flex {flex[50]!r}")
+    _publish(
+        "flex vs local, 50 iterations",
+        f"statistical: {detail}; golden: {golden_detail}; final lm loss local {local[50]!r}, flex {flex[50]!r}",
+    )
     assert ok, detail
     assert golden_ok, golden_detail

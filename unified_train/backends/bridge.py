@@ -109,8 +109,9 @@ def build_container(cfg, job: JobIdentity):
             **mcore_fields.logger(cfg, job),
             filter_warnings=False,  # the default filter silences WARNING on every existing logger, ours too
         ),
-        tokenizer=TokenizerConfig(tokenizer_type=tok["tokenizer_type"], vocab_size=tok["vocab_size"],
-                                  tokenizer_model=tok["tokenizer_model"]),
+        tokenizer=TokenizerConfig(
+            tokenizer_type=tok["tokenizer_type"], vocab_size=tok["vocab_size"], tokenizer_model=tok["tokenizer_model"]
+        ),
         checkpoint=CheckpointConfig(**mcore_fields.checkpoint(cfg, job)),
         rng=RNGConfig(**mcore_fields.rng(cfg)),
         dist=DistributedInitConfig(),
@@ -137,12 +138,14 @@ def _embedding_rows(c) -> int:
 
     with process_state.quiet():
         tokenizer = build_tokenizer(c.tokenizer)
-    vocab, pad = _validate_and_set_vocab_size(c.model.vocab_size, tokenizer.vocab_size,
-                                              c.tokenizer.use_tokenizer_vocab_size)
+    vocab, pad = _validate_and_set_vocab_size(
+        c.model.vocab_size, tokenizer.vocab_size, c.tokenizer.use_tokenizer_vocab_size
+    )
     if not pad:
         return vocab
-    return calculate_padded_vocab_size(vocab, c.model.make_vocab_size_divisible_by, c.model.tensor_model_parallel_size,
-                                       logging_enabled=False)
+    return calculate_padded_vocab_size(
+        vocab, c.model.make_vocab_size_divisible_by, c.model.tensor_model_parallel_size, logging_enabled=False
+    )
 
 
 def run_recipe_overrides(native: Native) -> list[str]:
@@ -166,10 +169,32 @@ def mcore_fields_snapshot(native: Native) -> dict[str, object]:
         ("model", c.model, _MODEL_OVERRIDE_KEYS),
         ("train", c.train, ("train_iters", "micro_batch_size", "global_batch_size")),
         ("validation", c.validation, ("eval_interval", "eval_iters")),
-        ("optimizer", c.optimizer, ("lr", "min_lr", "weight_decay", "adam_beta1", "adam_beta2", "adam_eps",
-                                    "clip_grad", "use_distributed_optimizer")),
-        ("scheduler", c.scheduler, ("lr_decay_style", "lr_warmup_iters", "lr_decay_iters", "lr_warmup_init",
-                                    "start_weight_decay", "end_weight_decay")),
+        (
+            "optimizer",
+            c.optimizer,
+            (
+                "lr",
+                "min_lr",
+                "weight_decay",
+                "adam_beta1",
+                "adam_beta2",
+                "adam_eps",
+                "clip_grad",
+                "use_distributed_optimizer",
+            ),
+        ),
+        (
+            "scheduler",
+            c.scheduler,
+            (
+                "lr_decay_style",
+                "lr_warmup_iters",
+                "lr_decay_iters",
+                "lr_warmup_init",
+                "start_weight_decay",
+                "end_weight_decay",
+            ),
+        ),
         ("ddp", c.ddp, ("use_distributed_optimizer",)),
         ("dataset", c.dataset, ("random_seed", "dataloader_type")),
         ("tokenizer", c.tokenizer, ("tokenizer_type", "vocab_size")),
@@ -187,15 +212,48 @@ def mcore_fields_snapshot(native: Native) -> dict[str, object]:
 
 
 _MODEL_OVERRIDE_KEYS = (
-    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "kv_channels",
-    "normalization", "layernorm_epsilon", "gated_linear_unit", "activation_func", "add_bias_linear",
-    "add_qkv_bias", "qk_layernorm", "hidden_dropout", "attention_dropout", "init_method_std",
-    "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
-    "expert_model_parallel_size", "sequence_parallel", "transformer_impl", "bias_activation_fusion",
-    "bias_dropout_fusion", "masked_softmax_fusion", "persist_layer_norm", "gradient_accumulation_fusion",
-    "cross_entropy_loss_fusion", "cross_entropy_fusion_impl", "attention_softmax_in_fp32", "apply_rope_fusion", "position_embedding_type", "rotary_base", "rotary_percent",
-    "rope_scaling", "rope_scaling_factor", "share_embeddings_and_output_weights", "make_vocab_size_divisible_by",
-    "num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+    "num_layers",
+    "hidden_size",
+    "num_attention_heads",
+    "num_query_groups",
+    "ffn_hidden_size",
+    "kv_channels",
+    "normalization",
+    "layernorm_epsilon",
+    "gated_linear_unit",
+    "activation_func",
+    "add_bias_linear",
+    "add_qkv_bias",
+    "qk_layernorm",
+    "hidden_dropout",
+    "attention_dropout",
+    "init_method_std",
+    "tensor_model_parallel_size",
+    "pipeline_model_parallel_size",
+    "context_parallel_size",
+    "expert_model_parallel_size",
+    "sequence_parallel",
+    "transformer_impl",
+    "bias_activation_fusion",
+    "bias_dropout_fusion",
+    "masked_softmax_fusion",
+    "persist_layer_norm",
+    "gradient_accumulation_fusion",
+    "cross_entropy_loss_fusion",
+    "cross_entropy_fusion_impl",
+    "attention_softmax_in_fp32",
+    "apply_rope_fusion",
+    "position_embedding_type",
+    "rotary_base",
+    "rotary_percent",
+    "rope_scaling",
+    "rope_scaling_factor",
+    "share_embeddings_and_output_weights",
+    "make_vocab_size_divisible_by",
+    "num_moe_experts",
+    "moe_router_topk",
+    "moe_ffn_hidden_size",
+    "moe_shared_expert_intermediate_size",
     "deterministic_mode",
 )
 
@@ -233,21 +291,43 @@ class BridgeBackend:
         out.update(flatten("ddp", c.ddp, dataclass_fields(DistributedDataParallelConfig)))
         out.update(flatten("dataset", c.dataset, DATASET_FIELDS))
         out["dataset.sequence_length"] = c.dataset.seq_length
-        out.update({"train.train_iters": c.train.train_iters, "train.micro_batch_size": c.train.micro_batch_size,
-                    "train.global_batch_size": c.train.global_batch_size, "train.seq_length": c.dataset.seq_length,
-                    "validation.eval_interval": c.validation.eval_interval, "validation.eval_iters": c.validation.eval_iters,
-                    "rng.seed": c.rng.seed, "rng.data_parallel_random_init": c.rng.data_parallel_random_init,
-                    "tokenizer.tokenizer_type": c.tokenizer.tokenizer_type, "tokenizer.vocab_size": c.tokenizer.vocab_size,
-                    "data.dataloader_type": c.dataset.dataloader_type, "data.data_sharding": c.dataset.data_sharding,
-                    "data.num_workers": c.dataset.num_workers})
-        out.update(schedule_trace(lambda opt: _get_scheduler(c.optimizer, c.scheduler, opt),
-                                         c.train.train_iters, c.train.global_batch_size))
+        out.update(
+            {
+                "train.train_iters": c.train.train_iters,
+                "train.micro_batch_size": c.train.micro_batch_size,
+                "train.global_batch_size": c.train.global_batch_size,
+                "train.seq_length": c.dataset.seq_length,
+                "validation.eval_interval": c.validation.eval_interval,
+                "validation.eval_iters": c.validation.eval_iters,
+                "rng.seed": c.rng.seed,
+                "rng.data_parallel_random_init": c.rng.data_parallel_random_init,
+                "tokenizer.tokenizer_type": c.tokenizer.tokenizer_type,
+                "tokenizer.vocab_size": c.tokenizer.vocab_size,
+                "data.dataloader_type": c.dataset.dataloader_type,
+                "data.data_sharding": c.dataset.data_sharding,
+                "data.num_workers": c.dataset.num_workers,
+            }
+        )
+        out.update(
+            schedule_trace(
+                lambda opt: _get_scheduler(c.optimizer, c.scheduler, opt),
+                c.train.train_iters,
+                c.train.global_batch_size,
+            )
+        )
         return out
 
     def export(self, native: Native) -> list[str]:
         """The upstream invocation: Bridge's run_recipe.py with Hydra-style overrides."""
-        return ["torchrun", f"--nproc-per-node={native.world_size}", "scripts/training/run_recipe.py",
-                "--recipe", "vanilla_gpt_pretrain_config", *run_recipe_overrides(native), *native.overrides]
+        return [
+            "torchrun",
+            f"--nproc-per-node={native.world_size}",
+            "scripts/training/run_recipe.py",
+            "--recipe",
+            "vanilla_gpt_pretrain_config",
+            *run_recipe_overrides(native),
+            *native.overrides,
+        ]
 
     def export_code(self, native: Native) -> list[str]:
         """run_recipe.py takes no callable by override: the layer spec is one line of Python on its config."""
@@ -290,8 +370,9 @@ class BridgeBackend:
                 loss = (ctx.loss_dict or {}).get("lm loss")
                 lr = get_canonical_lr_for_logging(ctx.optimizer.param_groups)
                 # Bridge advances train_state.step right after this event.
-                sink.record_train(ctx.state.train_state.step + 1, None if loss is None else float(loss),
-                                  ctx.grad_norm, lr, elapsed)
+                sink.record_train(
+                    ctx.state.train_state.step + 1, None if loss is None else float(loss), ctx.grad_norm, lr, elapsed
+                )
 
             def on_train_end(self, ctx):
                 self.done = True  # evaluations after this are the final validation / test passes

@@ -8,8 +8,15 @@ import functools
 
 # Runtime hooks that the loops attach to TransformerConfig; never part of a config comparison.
 _RUNTIME_FIELDS = {
-    "timers", "finalize_model_grads_func", "grad_scale_func", "moe_grad_scale_func", "mtp_grad_scale_func",
-    "no_sync_func", "grad_sync_func", "param_sync_func", "_cpu_offloading_context",
+    "timers",
+    "finalize_model_grads_func",
+    "grad_scale_func",
+    "moe_grad_scale_func",
+    "mtp_grad_scale_func",
+    "no_sync_func",
+    "grad_sync_func",
+    "param_sync_func",
+    "_cpu_offloading_context",
     "experimental_attention_variant_loss_scale_func",
 }
 
@@ -61,9 +68,29 @@ def schedule_trace(make_scheduler, iters: int, global_batch_size: int) -> dict[s
 
 
 # GPT-model fields outside TransformerConfig, and dataset fields, that both stacks' configs carry by these names.
-GPT_FIELDS = ("seq_length", "position_embedding_type", "rotary_base", "rotary_percent", "rope_scaling",
-              "rope_scaling_factor", "share_embeddings_and_output_weights", "make_vocab_size_divisible_by",
-              "fp16_lm_cross_entropy", "seq_len_interpolation_factor")
-DATASET_FIELDS = ("random_seed", "blend", "blend_per_split", "split", "split_matrix", "mock",
-                  "reset_position_ids", "reset_attention_mask", "eod_mask_loss", "create_attention_mask",
-                  "add_extra_token_to_sequence", "drop_last_partial_validation_sequence")
+GPT_FIELDS = (
+    "seq_length",
+    "position_embedding_type",
+    "rotary_base",
+    "rotary_percent",
+    "rope_scaling",
+    "rope_scaling_factor",
+    "share_embeddings_and_output_weights",
+    "make_vocab_size_divisible_by",
+    "fp16_lm_cross_entropy",
+    "seq_len_interpolation_factor",
+)
+DATASET_FIELDS = (
+    "random_seed",
+    "blend",
+    "blend_per_split",
+    "split",
+    "split_matrix",
+    "mock",
+    "reset_position_ids",
+    "reset_attention_mask",
+    "eod_mask_loss",
+    "create_attention_mask",
+    "add_extra_token_to_sequence",
+    "drop_last_partial_validation_sequence",
+)

@@ -31,8 +31,12 @@ _MASKS = {AttnMaskType.causal: True, AttnMaskType.no_mask: False}  # mask type -
 
 # cuDNN first: on Hopper it is the fastest and, unlike flash, has kernels for MLA's 192/128 head dims. The dispatcher
 # moves down the list when a backend cannot take the inputs (head dims, GQA, dtype, device).
-_SDPA_PRIORITY = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
-                  SDPBackend.MATH]
+_SDPA_PRIORITY = [
+    SDPBackend.CUDNN_ATTENTION,
+    SDPBackend.FLASH_ATTENTION,
+    SDPBackend.EFFICIENT_ATTENTION,
+    SDPBackend.MATH,
+]
 
 _compiled_flex = None
 
@@ -70,10 +74,19 @@ class _CoreAttention(MegatronModule):
 
     kind = ""
 
-    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
-                 attention_dropout: float | None = None, softmax_scale: float | None = None,
-                 cp_comm_type: str | None = None, pg_collection=None, k_channels: int | None = None,
-                 v_channels: int | None = None):
+    def __init__(
+        self,
+        config,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection=None,
+        k_channels: int | None = None,
+        v_channels: int | None = None,
+    ):
         super().__init__(config=config)
         self.layer_number = max(1, layer_number)
         self.attn_mask_type = attn_mask_type
@@ -96,11 +109,11 @@ class _CoreAttention(MegatronModule):
     def _refuse(self, config, dropout: float, attn_mask_type: AttnMaskType, layer_number: int) -> None:
         name = f"{self.kind} core attention"
         if dropout:
-            raise ValueError(f"{name} cannot drop attention probabilities: set attention_dropout=0.0 "
-                             f"(got {dropout}).")
+            raise ValueError(f"{name} cannot drop attention probabilities: set attention_dropout=0.0 (got {dropout}).")
         if config.context_parallel_size > 1:
-            raise ValueError(f"{name} does not support context parallelism "
-                             f"(context_parallel_size={config.context_parallel_size}).")
+            raise ValueError(
+                f"{name} does not support context parallelism (context_parallel_size={config.context_parallel_size})."
+            )
         if attn_mask_type not in _MASKS:
             raise ValueError(f"{name} supports causal and no_mask attention, not {attn_mask_type.name}.")
         if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
@@ -110,8 +123,16 @@ class _CoreAttention(MegatronModule):
         if config.qk_clip or config.log_max_attention_logit:
             raise ValueError(f"{name} does not report max attention logits (qk_clip / log_max_attention_logit).")
 
-    def forward(self, query, key, value, attention_mask, attn_mask_type: AttnMaskType | None = None,
-                attention_bias=None, packed_seq_params=None):
+    def forward(
+        self,
+        query,
+        key,
+        value,
+        attention_mask,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias=None,
+        packed_seq_params=None,
+    ):
         """q [sq, b, np, hn], k [sk, b, ng, hn], v [sk, b, ng, hn_v] -> [sq, b, np * hn_v]. The attention_mask is
         not read: causal masking is the kernel's (as with TE for causal)."""
         if packed_seq_params is not None:
@@ -128,8 +149,7 @@ class _CoreAttention(MegatronModule):
 
     def _is_causal(self, mask_type: AttnMaskType, sq: int, sk: int) -> bool:
         if mask_type not in _MASKS:
-            raise ValueError(f"{self.kind} core attention supports causal and no_mask attention, "
-                             f"not {mask_type.name}.")
+            raise ValueError(f"{self.kind} core attention supports causal and no_mask attention, not {mask_type.name}.")
         causal = _MASKS[mask_type]
         if causal and sq != sk:
             # Both kernels align a causal mask top-left, which is wrong for a query block that ends a longer key
@@ -148,8 +168,9 @@ class FlexAttention(_CoreAttention):
 
     def _attend(self, q, k, v, causal: bool):
         block_mask = _causal_block_mask(q.size(2), k.size(2), q.device) if causal else None
-        return _flex_kernel(q.device)(q, k, v, block_mask=block_mask, scale=self.softmax_scale,
-                                      enable_gqa=q.size(1) != k.size(1))
+        return _flex_kernel(q.device)(
+            q, k, v, block_mask=block_mask, scale=self.softmax_scale, enable_gqa=q.size(1) != k.size(1)
+        )
 
 
 class SDPAAttention(_CoreAttention):
@@ -160,13 +181,13 @@ class SDPAAttention(_CoreAttention):
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
         if config.deterministic_mode:
-            raise ValueError("sdpa core attention is not deterministic in backward: use flex with "
-                             "deterministic_mode.")
+            raise ValueError("sdpa core attention is not deterministic in backward: use flex with deterministic_mode.")
 
     def _attend(self, q, k, v, causal: bool):
         with sdpa_kernel(_SDPA_PRIORITY, set_priority=True):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=self.softmax_scale,
-                                                  enable_gqa=q.size(1) != k.size(1))
+            return F.scaled_dot_product_attention(
+                q, k, v, is_causal=causal, scale=self.softmax_scale, enable_gqa=q.size(1) != k.size(1)
+            )
 
 
 CORE_ATTENTION = {"flex": FlexAttention, "sdpa": SDPAAttention}

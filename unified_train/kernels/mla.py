@@ -39,12 +39,20 @@ class LocalMLASelfAttention(MLASelfAttention):
         fused = get_backend(c.transformer_impl).column_parallel_layer_norm_linear()
         if not c.qk_layernorm or c.q_lora_rank is not None or fused is not None:
             return super()._resolve_qk_norm_config(submodules)
-        return {"linear_q_proj": NormColumnParallelLinear, "linear_q_up_proj": IdentityOp,
-                "linear_kv_up_proj": submodules.linear_kv_up_proj, "q_layernorm": IdentityOp,
-                "kv_layernorm": submodules.kv_layernorm}
+        return {
+            "linear_q_proj": NormColumnParallelLinear,
+            "linear_q_up_proj": IdentityOp,
+            "linear_kv_up_proj": submodules.linear_kv_up_proj,
+            "q_layernorm": IdentityOp,
+            "kv_layernorm": submodules.kv_layernorm,
+        }
 
 
 def needs_local_mla(config) -> bool:
     """The layout megatron-core's local spec cannot build (see the module docstring)."""
-    return bool(config.multi_latent_attention and config.qk_layernorm and config.q_lora_rank is None
-                and config.transformer_impl == "local")
+    return bool(
+        config.multi_latent_attention
+        and config.qk_layernorm
+        and config.q_lora_rank is None
+        and config.transformer_impl == "local"
+    )

@@ -75,8 +75,7 @@ def sdpa_layer_spec(config, vp_stage: int | None = None):
 
 # config.attention -> the (config, vp_stage) spec function both builders call. Module-level functions, so that
 # MLM's `--spec unified_train.kernels.spec NAME` and Bridge's config dump can name them.
-SPEC_FUNCTIONS = {"local": local_layer_spec, "te": local_layer_spec, "flex": flex_layer_spec,
-                  "sdpa": sdpa_layer_spec}
+SPEC_FUNCTIONS = {"local": local_layer_spec, "te": local_layer_spec, "flex": flex_layer_spec, "sdpa": sdpa_layer_spec}
 
 
 def core_attention_of(spec) -> type:
@@ -98,11 +97,15 @@ def described_core_attention(spec_fn, config) -> type:
 def _check_replaceable(transformer: TransformerConfig, attention: str) -> None:
     if transformer.attention_backend == AttnBackend.local:
         # Both model builders then write DotProductAttention over the core attention of a single-layer spec.
-        raise ValueError(f"attention={attention} needs attention_backend auto (or flash/fused/unfused), not local: "
-                         "with local both stacks put DotProductAttention back into the spec")
+        raise ValueError(
+            f"attention={attention} needs attention_backend auto (or flash/fused/unfused), not local: "
+            "with local both stacks put DotProductAttention back into the spec"
+        )
     if transformer.experimental_attention_variant is not None:
-        raise ValueError(f"attention={attention} cannot replace the core attention of the experimental variant "
-                         f"{transformer.experimental_attention_variant!r}")
+        raise ValueError(
+            f"attention={attention} cannot replace the core attention of the experimental variant "
+            f"{transformer.experimental_attention_variant!r}"
+        )
     if transformer.transformer_impl == "inference_optimized":
         raise ValueError(f"attention={attention} is for training specs, not transformer_impl=inference_optimized")
 

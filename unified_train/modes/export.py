@@ -7,8 +7,10 @@ import shlex
 from unified_train import rundir
 from unified_train.modes import parity
 
-_UPSTREAM = {"mlm": "Megatron-LM (pretrain_gpt.py from a Megatron-LM checkout at core_r0.19.0)",
-             "bridge": "Megatron-Bridge (scripts/training/run_recipe.py from a Megatron-Bridge checkout at r0.6.0)"}
+_UPSTREAM = {
+    "mlm": "Megatron-LM (pretrain_gpt.py from a Megatron-LM checkout at core_r0.19.0)",
+    "bridge": "Megatron-Bridge (scripts/training/run_recipe.py from a Megatron-Bridge checkout at r0.6.0)",
+}
 
 
 def commands(cfg, job: rundir.JobIdentity) -> dict[str, list[str]]:

@@ -56,6 +56,8 @@ def main(cfg, job: rundir.JobIdentity) -> int:
         print(table(rows))
         print(f"\nparity: {len(rows)} of {compared} fields differ")
         return 1
-    print(f"parity: all {compared} compared fields are identical (model {cfg.model.name}, "
-          f"tp={cfg.parallel.tp} pp={cfg.parallel.pp} world={job.world_size})")
+    print(
+        f"parity: all {compared} compared fields are identical (model {cfg.model.name}, "
+        f"tp={cfg.parallel.tp} pp={cfg.parallel.pp} world={job.world_size})"
+    )
     return 0

@@ -21,8 +21,11 @@ def rank_main(cfg_yaml: str, record: dict) -> None:
     job = rundir.JobIdentity(**record)
     both = parity.describe_both(cfg, job)
     rows = parity.diff(both[parity.LEFT], both[parity.RIGHT])
-    ranks.rendezvous_probe(cfg_yaml, job.run_dir, extra={"parity_fields": len(both[parity.LEFT]),
-                                                         "parity_differences": [r[0] for r in rows]})
+    ranks.rendezvous_probe(
+        cfg_yaml,
+        job.run_dir,
+        extra={"parity_fields": len(both[parity.LEFT]), "parity_differences": [r[0] for r in rows]},
+    )
 
 
 def summarize(run_dir: str, expected_world: int) -> dict:
@@ -36,8 +39,7 @@ def summarize(run_dir: str, expected_world: int) -> dict:
         "all_reduce_ok": bool(reports) and all(r["all_reduce_ok"] for r in reports),
         "parity_clean": bool(reports) and all(not r["parity_differences"] for r in reports),
     }
-    summary["ok"] = (ranks_seen == list(range(expected_world)) and summary["all_reduce_ok"]
-                     and summary["parity_clean"])
+    summary["ok"] = ranks_seen == list(range(expected_world)) and summary["all_reduce_ok"] and summary["parity_clean"]
     rundir.write_preflight_summary(run_dir, summary)
     return summary
 
@@ -57,8 +59,10 @@ def run(cfg, job: rundir.JobIdentity) -> int:
             rank_main(cfg_yaml, record)
     rundir.write_job_record(cfg, job)  # after the rendezvous: no rank is still checking the run directory
     summary = summarize(job.run_dir, job.world_size)
-    print(f"preflight: {'OK' if summary['ok'] else 'FAILED'}: ranks {summary['ranks_reported']} of world "
-          f"{job.world_size}, all-reduce {'ok' if summary['all_reduce_ok'] else 'FAILED'}, parity "
-          f"{'clean' if summary['parity_clean'] else 'DIFFERS'}, hosts {summary['hosts']}, "
-          f"devices {summary['devices']}")
+    print(
+        f"preflight: {'OK' if summary['ok'] else 'FAILED'}: ranks {summary['ranks_reported']} of world "
+        f"{job.world_size}, all-reduce {'ok' if summary['all_reduce_ok'] else 'FAILED'}, parity "
+        f"{'clean' if summary['parity_clean'] else 'DIFFERS'}, hosts {summary['hosts']}, "
+        f"devices {summary['devices']}"
+    )
     return 0 if summary["ok"] else 1

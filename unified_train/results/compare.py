@@ -32,9 +32,11 @@ GATES = ("exact", "golden", "statistical")
 
 def bf16_ulps(a: float, b: float) -> int:
     """Distance in bf16 units in the last place (bf16 = the top 16 bits of an fp32)."""
+
     def ordered(x: float) -> int:
         bits = struct.unpack("<I", struct.pack("<f", x))[0] >> 16
         return bits if bits < 0x8000 else 0x8000 - bits
+
     return abs(ordered(a) - ordered(b))
 
 
@@ -98,8 +100,10 @@ def verdicts(a: Run, b: Run) -> dict[str, tuple[bool, str]]:
 
 def pair_table(a: Run, b: Run) -> str:
     la, lb = series(a), series(b)
-    lines = [f"| iter | {a.backend} lm loss | {b.backend} lm loss | abs diff | rel diff | bf16 ULPs |",
-             "|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"| iter | {a.backend} lm loss | {b.backend} lm loss | abs diff | rel diff | bf16 ULPs |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
     for it in sorted(set(la) | set(lb)):
         x, y = la.get(it), lb.get(it)
         if x is None or y is None:
@@ -114,8 +118,14 @@ def golden_values(run: Run) -> dict:
     """Megatron-LM functional-test format (values rounded to 5 decimals, as its harness records them)."""
     values = series(run)
     steps = sorted(values)
-    return {"lm loss": {"start_step": steps[0] if steps else 0, "end_step": steps[-1] if steps else 0,
-                        "step_interval": 1, "values": {str(s): round(values[s], 5) for s in steps}}}
+    return {
+        "lm loss": {
+            "start_step": steps[0] if steps else 0,
+            "end_step": steps[-1] if steps else 0,
+            "step_interval": 1,
+            "values": {str(s): round(values[s], 5) for s in steps},
+        }
+    }
 
 
 def tp_table(runs: list[Run]) -> list[str]:
@@ -131,8 +141,12 @@ def tp_table(runs: list[Run]) -> list[str]:
             continue
         members.sort(key=lambda r: r.job.tp)
         ref = members[0]
-        out += [f"## convergence across TP: {backend}, {ref.job.model} (reference tp={ref.job.tp})", "",
-                "| tp | final lm loss | statistical gate | detail |", "|---:|---:|---|---|"]
+        out += [
+            f"## convergence across TP: {backend}, {ref.job.model} (reference tp={ref.job.tp})",
+            "",
+            "| tp | final lm loss | statistical gate | detail |",
+            "|---:|---:|---|---|",
+        ]
         for m in members:
             ok, detail = statistical(series(ref), series(m))
             final = series(m)[max(series(m))]
@@ -153,8 +167,7 @@ def plot(pairs: list[tuple[Run, Run]], path: str) -> None:
         steps = sorted(set(la) & set(lb))
         axes[0][col].plot(sorted(la), [la[s] for s in sorted(la)], label=a.backend)
         axes[0][col].plot(sorted(lb), [lb[s] for s in sorted(lb)], "--", label=b.backend)
-        axes[0][col].set(title=f"{a.job.model} tp={a.job.tp} pp={a.job.pp} ({a.pair_id})",
-                         ylabel="lm loss")
+        axes[0][col].set(title=f"{a.job.model} tp={a.job.tp} pp={a.job.pp} ({a.pair_id})", ylabel="lm loss")
         axes[0][col].legend()
         axes[1][col].plot(steps, [lb[s] - la[s] for s in steps])
         axes[1][col].set(xlabel="iteration", ylabel=f"{b.backend} - {a.backend}")
@@ -165,16 +178,22 @@ def plot(pairs: list[tuple[Run, Run]], path: str) -> None:
 
 def preflight_table(checks: list[Run]) -> tuple[list[str], bool]:
     """mode=preflight jobs: one row per job (from its preflight/summary.json), and any pair that lacks a half."""
-    out = ["## preflight", "", "| job | backend | pair | world size | ranks reported | hosts | all-reduce | parity | ok |",
-           "|---|---|---|---:|---|---|---|---|---|"]
+    out = [
+        "## preflight",
+        "",
+        "| job | backend | pair | world size | ranks reported | hosts | all-reduce | parity | ok |",
+        "|---|---|---|---:|---|---|---|---|---|",
+    ]
     all_ok = True
     for run in checks:
         s = run.summary or {}
         all_ok &= run.ok
-        out.append(f"| {os.path.basename(run.path)} | {run.backend} | {run.pair_id} | {s.get('world_size', '')} | "
-                   f"{s.get('ranks_reported', 'no summary')} | {','.join(s.get('hosts', []))} | "
-                   f"{'ok' if s.get('all_reduce_ok') else 'FAILED'} | {'clean' if s.get('parity_clean') else 'DIFFERS'} "
-                   f"| {'yes' if run.ok else '**NO**'} |")
+        out.append(
+            f"| {os.path.basename(run.path)} | {run.backend} | {run.pair_id} | {s.get('world_size', '')} | "
+            f"{s.get('ranks_reported', 'no summary')} | {','.join(s.get('hosts', []))} | "
+            f"{'ok' if s.get('all_reduce_ok') else 'FAILED'} | {'clean' if s.get('parity_clean') else 'DIFFERS'} "
+            f"| {'yes' if run.ok else '**NO**'} |"
+        )
     by_pair: dict[str, set[str]] = {}
     for run in checks:
         by_pair.setdefault(run.pair_id, set()).add(run.backend)
@@ -184,8 +203,12 @@ def preflight_table(checks: list[Run]) -> tuple[list[str], bool]:
             all_ok = False
             out.append(f"\npair {pid}: **incomplete**, no {', '.join(missing)} job")
     passed = sum(r.ok for r in checks)
-    out += ["", f"preflight verdict: **{'pass' if all_ok else 'FAIL'}** ({passed} of {len(checks)} jobs ok, "
-            f"{len(by_pair)} pairs)", ""]
+    out += [
+        "",
+        f"preflight verdict: **{'pass' if all_ok else 'FAIL'}** ({passed} of {len(checks)} jobs ok, "
+        f"{len(by_pair)} pairs)",
+        "",
+    ]
     return out, all_ok
 
 

@@ -17,8 +17,17 @@ from unified_train import rundir
 class MetricsSink:
     """Collects per-iteration train metrics and eval losses; writes only on the rank that holds the loss."""
 
-    def __init__(self, run_dir: str, *, backend: str, tokens_per_iteration: int, world_size: int, write: bool,
-                 unified_config: dict | None = None, on_training_started=None):
+    def __init__(
+        self,
+        run_dir: str,
+        *,
+        backend: str,
+        tokens_per_iteration: int,
+        world_size: int,
+        write: bool,
+        unified_config: dict | None = None,
+        on_training_started=None,
+    ):
         self.run_dir = run_dir
         self.backend = backend
         self.tokens_per_iteration = tokens_per_iteration
@@ -52,9 +61,14 @@ class MetricsSink:
         if self.first_iteration_done is None:
             self.first_iteration_done = time.perf_counter()
             self.mark("first_iteration")
-        record = {"iteration": int(iteration), "lm loss": _num(loss), "grad_norm": _num(grad_norm),
-                  "lr": _num(lr), "iter_time_s": seconds,
-                  "tokens_per_s": self.tokens_per_iteration / seconds if seconds > 0 else None}
+        record = {
+            "iteration": int(iteration),
+            "lm loss": _num(loss),
+            "grad_norm": _num(grad_norm),
+            "lr": _num(lr),
+            "iter_time_s": seconds,
+            "tokens_per_s": self.tokens_per_iteration / seconds if seconds > 0 else None,
+        }
         if self.flops_per_iteration is not None and seconds > 0:
             record["tflops_per_gpu"] = self.flops_per_iteration / seconds / self.world_size / 1e12
         self.pending = record
@@ -78,10 +92,16 @@ class MetricsSink:
         self._flush()
         if self._file:
             self._file.close()
-        out = {"backend": self.backend, "iterations": len(self.records), **self.final,
-               "wall_time_s": time.perf_counter() - self.started, "world_size": self.world_size,
-               "tokens_per_iteration": self.tokens_per_iteration, "flops_per_iteration": self.flops_per_iteration,
-               **summary}
+        out = {
+            "backend": self.backend,
+            "iterations": len(self.records),
+            **self.final,
+            "wall_time_s": time.perf_counter() - self.started,
+            "world_size": self.world_size,
+            "tokens_per_iteration": self.tokens_per_iteration,
+            "flops_per_iteration": self.flops_per_iteration,
+            **summary,
+        }
         if self.first_iteration_done is not None:
             out["time_to_first_iteration_s"] = self.first_iteration_done - self.started
         if self.startup:
@@ -109,7 +129,9 @@ def pretrain_called_line(program: str, phases: dict[str, float | None] | None = 
     is called (by unified_train, with its earlier start-up phases, and by scripts/native_baseline.py)."""
     earlier = dict(phases or {})
     called = earlier.pop("pretrain_called", None)
-    line = f"{program}: pretrain called {_seconds(process_seconds() if called is None else called)} s after process start"
+    line = (
+        f"{program}: pretrain called {_seconds(process_seconds() if called is None else called)} s after process start"
+    )
     if earlier:
         line += f" (seconds since start: {', '.join(f'{k} {_seconds(v)}' for k, v in earlier.items())})"
     return line

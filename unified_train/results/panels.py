@@ -25,8 +25,9 @@ METRICS = ("lm loss", "grad-norm")  # the keys both stacks log to W&B (MLM's and
 SPEC_FILE = "wandb_panels.json"
 
 
-def build_spec(sweep_dirs: list[str], project: str | None = None, entity: str | None = None,
-               title: str | None = None) -> dict:
+def build_spec(
+    sweep_dirs: list[str], project: str | None = None, entity: str | None = None, title: str | None = None
+) -> dict:
     """The panels as plain data: project, entity, one section per pair id, and the offline runs to upload."""
     runs = [r for r in rundir.load_runs(sweep_dirs) if not r.is_preflight]
     if not runs:
@@ -35,16 +36,29 @@ def build_spec(sweep_dirs: list[str], project: str | None = None, entity: str | 
     sections: dict[str, dict] = {}
     for run in runs:
         job = run.job
-        section = sections.setdefault(run.pair_id, {
-            "name": f"pair {run.pair_id}: {job.model} tp={job.tp} pp={job.pp}",
-            "group": run.pair_id, "job_types": [],
-            "panels": [{"type": "line", "title": m, "x": "Step", "y": [m], "groupby": "JobType"} for m in METRICS]})
+        section = sections.setdefault(
+            run.pair_id,
+            {
+                "name": f"pair {run.pair_id}: {job.model} tp={job.tp} pp={job.pp}",
+                "group": run.pair_id,
+                "job_types": [],
+                "panels": [{"type": "line", "title": m, "x": "Step", "y": [m], "groupby": "JobType"} for m in METRICS],
+            },
+        )
         section["job_types"] = sorted({*section["job_types"], run.backend})
-    offline = sorted(d for r in runs for d in glob.glob(os.path.join(r.path, rundir.WANDB_DIR, "**", "offline-run-*"),
-                                                          recursive=True) if os.path.isdir(d))
-    return {"title": title or f"unified_train {os.path.basename(os.path.abspath(sweep_dirs[0]))}",
-            "project": project or wandb_cfg.project, "entity": entity or wandb_cfg.entity,
-            "sections": [sections[k] for k in sorted(sections)], "offline_runs": offline}
+    offline = sorted(
+        d
+        for r in runs
+        for d in glob.glob(os.path.join(r.path, rundir.WANDB_DIR, "**", "offline-run-*"), recursive=True)
+        if os.path.isdir(d)
+    )
+    return {
+        "title": title or f"unified_train {os.path.basename(os.path.abspath(sweep_dirs[0]))}",
+        "project": project or wandb_cfg.project,
+        "entity": entity or wandb_cfg.entity,
+        "sections": [sections[k] for k in sorted(sections)],
+        "offline_runs": offline,
+    }
 
 
 def build_report(spec: dict):
@@ -54,12 +68,24 @@ def build_report(spec: dict):
 
     blocks = [wr.P("MLM vs Bridge pairs: one section per pair id (W&B group), lines by job_type (backend).")]
     for section in spec["sections"]:
-        runset = wr.Runset(entity=spec["entity"], project=spec["project"], name=section["name"],
-                           filters=expr.And(expr.Metric("Group") == section["group"]))
+        runset = wr.Runset(
+            entity=spec["entity"],
+            project=spec["project"],
+            name=section["name"],
+            filters=expr.And(expr.Metric("Group") == section["group"]),
+        )
         panels = [wr.LinePlot(title=p["title"], x=p["x"], y=p["y"], groupby=p["groupby"]) for p in section["panels"]]
-        blocks += [wr.H2(section["name"]), wr.PanelGrid(runsets=[runset], panels=panels)]  # the grid shows the runs table
-    return wr.Report(project=spec["project"], entity=spec["entity"], title=spec["title"],
-                     description="unified_train paired runs", blocks=blocks)
+        blocks += [
+            wr.H2(section["name"]),
+            wr.PanelGrid(runsets=[runset], panels=panels),
+        ]  # the grid shows the runs table
+    return wr.Report(
+        project=spec["project"],
+        entity=spec["entity"],
+        title=spec["title"],
+        description="unified_train paired runs",
+        blocks=blocks,
+    )
 
 
 def create_online(spec: dict) -> str:

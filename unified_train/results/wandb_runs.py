@@ -24,8 +24,14 @@ def wandb_env(cfg, job: rundir.JobIdentity) -> dict[str, str | None]:
     if not cfg.logger.wandb.enabled:
         return {key: None for key in _WANDB_KEYS}
     tags = [job.model, f"tp{job.tp}", f"pp{job.pp}", f"sweep:{job.sweep_id}"]
-    return {"WANDB_RUN_GROUP": job.pair_id, "WANDB_JOB_TYPE": job.backend, "WANDB_TAGS": ",".join(tags),
-            "WANDB_MODE": wandb_mode(cfg), "WANDB_DIR": job.subdir(rundir.WANDB_DIR), "WANDB_SILENT": "true"}
+    return {
+        "WANDB_RUN_GROUP": job.pair_id,
+        "WANDB_JOB_TYPE": job.backend,
+        "WANDB_TAGS": ",".join(tags),
+        "WANDB_MODE": wandb_mode(cfg),
+        "WANDB_DIR": job.subdir(rundir.WANDB_DIR),
+        "WANDB_SILENT": "true",
+    }
 
 
 def apply_env(env: dict[str, str | None]) -> None:
@@ -65,8 +71,11 @@ def read_offline_run(path: str) -> dict:
     from wandb.proto import wandb_internal_pb2
     from wandb.sdk.internal import datastore
 
-    files = [path] if path.endswith(".wandb") else sorted(
-        {os.path.realpath(f) for f in glob.glob(os.path.join(path, "**", "run-*.wandb"), recursive=True)})
+    files = (
+        [path]
+        if path.endswith(".wandb")
+        else sorted({os.path.realpath(f) for f in glob.glob(os.path.join(path, "**", "run-*.wandb"), recursive=True)})
+    )
     if len(files) != 1:
         raise FileNotFoundError(f"expected one run-*.wandb under {path}, found {len(files)}")
     store = datastore.DataStore()
@@ -81,12 +90,19 @@ def read_offline_run(path: str) -> dict:
         kind = record.WhichOneof("record_type")
         if kind == "run":
             r = record.run
-            out.update(run_id=r.run_id, project=r.project, group=r.run_group, job_type=r.job_type,
-                       name=r.display_name, tags=list(r.tags))
+            out.update(
+                run_id=r.run_id,
+                project=r.project,
+                group=r.run_group,
+                job_type=r.job_type,
+                name=r.display_name,
+                tags=list(r.tags),
+            )
             out["config"].update({i.key: json.loads(i.value_json) for i in r.config.update})
         elif kind == "config":
             out["config"].update({i.key: json.loads(i.value_json) for i in record.config.update})
         elif kind == "history":
-            out["history"].append({i.key or "/".join(i.nested_key): json.loads(i.value_json)
-                                   for i in record.history.item})
+            out["history"].append(
+                {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            )
     return out

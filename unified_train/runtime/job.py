@@ -37,11 +37,15 @@ def run_job(cfg, job: rundir.JobIdentity, task_started: float | None = None) -> 
     wandb_runs.apply_env(wandb_runs.wandb_env(cfg, job))
     os.makedirs(job.run_dir, exist_ok=True)
     rank = ranks.rank()
-    sink = metrics.MetricsSink(job.run_dir, backend=job.backend, world_size=job.world_size,
-                               write=rank == job.world_size - 1,
-                               tokens_per_iteration=cfg.train.global_batch_size * cfg.train.seq_length,
-                               on_training_started=wandb_runs.add_unified_config,
-                               unified_config=OmegaConf.to_container(cfg, resolve=True))
+    sink = metrics.MetricsSink(
+        job.run_dir,
+        backend=job.backend,
+        world_size=job.world_size,
+        write=rank == job.world_size - 1,
+        tokens_per_iteration=cfg.train.global_batch_size * cfg.train.seq_length,
+        on_training_started=wandb_runs.add_unified_config,
+        unified_config=OmegaConf.to_container(cfg, resolve=True),
+    )
     if task_started is not None:
         sink.mark("hydra_task_started", at=task_started)
     sink.mark("job_started", at=job_started)
@@ -89,5 +93,3 @@ def _run_in_fresh_process(cfg, job: rundir.JobIdentity) -> None:
     proc.join()
     if proc.exitcode != 0:
         raise RuntimeError(f"job in {job.run_dir} failed in its worker process (exit code {proc.exitcode})")
-
-

@@ -63,12 +63,22 @@ def spawn(cfg, world_size: int, entry, *args) -> None:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if cfg.parallel.nnodes != 1:
-        raise SystemExit("unified_train: parallel.nnodes > 1 needs one launcher per node; "
-                         "use a multi-node launcher (Slurm) or torchrun on every node")
+        raise SystemExit(
+            "unified_train: parallel.nnodes > 1 needs one launcher per node; "
+            "use a multi-node launcher (Slurm) or torchrun on every node"
+        )
     port = free_port()
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world_size, run_id=f"unified_train_{os.getpid()}",
-                          rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{port}", max_restarts=0,
-                          monitor_interval=0.5, start_method="spawn")
+    config = LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=world_size,
+        run_id=f"unified_train_{os.getpid()}",
+        rdzv_backend="c10d",
+        rdzv_endpoint=f"127.0.0.1:{port}",
+        max_restarts=0,
+        monitor_interval=0.5,
+        start_method="spawn",
+    )
     elastic_launch(config, entry)(OmegaConf.to_yaml(cfg, resolve=True), *args)
 
 
@@ -94,8 +104,12 @@ def init_process_group(world_size: int) -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(free_port()))
     torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group("nccl", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
-                            device_id=torch.device("cuda", int(os.environ["LOCAL_RANK"])))
+    dist.init_process_group(
+        "nccl",
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ["WORLD_SIZE"]),
+        device_id=torch.device("cuda", int(os.environ["LOCAL_RANK"])),
+    )
 
 
 @contextlib.contextmanager
@@ -127,11 +141,17 @@ def rendezvous_probe(cfg_yaml: str, run_dir: str, extra: dict | None = None) -> 
     this_rank, world = dist.get_rank(), dist.get_world_size()
     value = torch.tensor([this_rank + 1.0], device="cuda" if cuda else "cpu")
     dist.all_reduce(value)
-    report = {"rank": this_rank, "world_size": world, "local_rank": int(os.environ["LOCAL_RANK"]),
-              "host": socket.gethostname(), "device": torch.cuda.get_device_name() if cuda else "cpu",
-              "all_reduce_ok": value.item() == world * (world + 1) / 2,
-              "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-              "process_env": {key: os.environ.get(key) for key in env.BASE_ENV}, **(extra or {})}
+    report = {
+        "rank": this_rank,
+        "world_size": world,
+        "local_rank": int(os.environ["LOCAL_RANK"]),
+        "host": socket.gethostname(),
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "all_reduce_ok": value.item() == world * (world + 1) / 2,
+        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "process_env": {key: os.environ.get(key) for key in env.BASE_ENV},
+        **(extra or {}),
+    }
     rundir.write_rank_report(run_dir, this_rank, report)
     dist.barrier()  # every report is on disk before any rank sums them up
     dist.destroy_process_group()

@@ -61,8 +61,13 @@ class MLMBackend:
         compat.install()
         argv = build_argv(cfg, job)
         args = parse_and_validate(argv, job.world_size)
-        return Native(argv=argv, args=args, world_size=job.world_size,
-                      rope_scaling_factor=cfg.model.rope_scaling_factor, data_seed=config.data_seed(cfg))
+        return Native(
+            argv=argv,
+            args=args,
+            world_size=job.world_size,
+            rope_scaling_factor=cfg.model.rope_scaling_factor,
+            data_seed=config.data_seed(cfg),
+        )
 
     def describe(self, native: Native) -> dict[str, object]:
         from megatron.core.distributed import DistributedDataParallelConfig
@@ -87,13 +92,23 @@ class MLMBackend:
         out.update(flatten("optimizer", get_megatron_optimizer_config(args)[0], dataclass_fields(OptimizerConfig)))
         out.update(flatten("ddp", get_megatron_ddp_config(args), dataclass_fields(DistributedDataParallelConfig)))
         out.update(flatten("dataset", glue.dataset_config(args, native.data_seed), _DATASET_FIELDS))
-        out.update({"train.train_iters": args.train_iters, "train.micro_batch_size": args.micro_batch_size,
-                    "train.global_batch_size": args.global_batch_size, "train.seq_length": args.seq_length,
-                    "validation.eval_interval": args.eval_interval, "validation.eval_iters": args.eval_iters,
-                    "rng.seed": args.seed, "rng.data_parallel_random_init": args.data_parallel_random_init,
-                    "tokenizer.tokenizer_type": args.tokenizer_type, "tokenizer.vocab_size": args.vocab_size,
-                    "data.dataloader_type": args.dataloader_type, "data.data_sharding": args.data_sharding,
-                    "data.num_workers": args.num_workers})
+        out.update(
+            {
+                "train.train_iters": args.train_iters,
+                "train.micro_batch_size": args.micro_batch_size,
+                "train.global_batch_size": args.global_batch_size,
+                "train.seq_length": args.seq_length,
+                "validation.eval_interval": args.eval_interval,
+                "validation.eval_iters": args.eval_iters,
+                "rng.seed": args.seed,
+                "rng.data_parallel_random_init": args.data_parallel_random_init,
+                "tokenizer.tokenizer_type": args.tokenizer_type,
+                "tokenizer.vocab_size": args.vocab_size,
+                "data.dataloader_type": args.dataloader_type,
+                "data.data_sharding": args.data_sharding,
+                "data.num_workers": args.num_workers,
+            }
+        )
 
         def make_scheduler(optimizer):
             previous = global_vars._GLOBAL_ARGS
@@ -110,6 +125,7 @@ class MLMBackend:
         """The upstream invocation: Megatron-LM's pretrain_gpt.py under torchrun with the same flags.
         (Upstream shuffles data with --seed; a data.seed different from rng.seed has no upstream flag.)"""
         return ["torchrun", f"--nproc-per-node={native.world_size}", "pretrain_gpt.py", *native.argv]
+
     def export_code(self, native: Native) -> list[str]:
         """Every setting travels as a flag (the layer spec as --spec MODULE FUNCTION)."""
         return []
@@ -149,8 +165,9 @@ class MLMBackend:
             iteration = training.get_args().curr_iteration + 1
             loss = loss_dict.get("lm loss") if loss_dict else None
             lr = get_canonical_lr_for_logging(optimizer[0].param_groups) if optimizer else None
-            sink.record_train(iteration, None if loss is None else float(loss), grad_norm, lr,
-                              time.perf_counter() - start)
+            sink.record_train(
+                iteration, None if loss is None else float(loss), grad_norm, lr, time.perf_counter() - start
+            )
             return result
 
         def tracked_eval_print(prefix, *a, **kw):
@@ -175,18 +192,25 @@ class MLMBackend:
             sink.training_started()
             return result
 
-        patches = [mock.patch.object(training, "train_step", timed_train_step),
-                   mock.patch.object(training, "evaluate", tracked_evaluate),
-                   mock.patch.object(training, "evaluate_and_print_results", tracked_eval_print),
-                   mock.patch.object(training, "setup_model_and_optimizer", capture_optimizer),
-                   # ft_integration re-parses sys.argv: show it our flags, not Hydra's.
-                   mock.patch.object(sys, "argv", ["pretrain_gpt.py", *native.argv])]
+        patches = [
+            mock.patch.object(training, "train_step", timed_train_step),
+            mock.patch.object(training, "evaluate", tracked_evaluate),
+            mock.patch.object(training, "evaluate_and_print_results", tracked_eval_print),
+            mock.patch.object(training, "setup_model_and_optimizer", capture_optimizer),
+            # ft_integration re-parses sys.argv: show it our flags, not Hydra's.
+            mock.patch.object(sys, "argv", ["pretrain_gpt.py", *native.argv]),
+        ]
         for p in patches:
             p.start()
         try:
             training.set_startup_timestamps(program_start=time.time(), main_entry=time.time())
-            training.pretrain(container, glue.datasets_provider(native.data_seed), ModelType.encoder_or_decoder,
-                              glue.forward_step, get_embedding_ranks=glue.embedding_ranks)
+            training.pretrain(
+                container,
+                glue.datasets_provider(native.data_seed),
+                ModelType.encoder_or_decoder,
+                glue.forward_step,
+                get_embedding_ranks=glue.embedding_ranks,
+            )
         except SystemExit as exc:  # exit-interval / signal paths end the loop with SystemExit
             if exc.code not in (0, None):
                 raise

@@ -17,12 +17,29 @@ NAME = "mlm"
 _NEGATED_DESTS = {"persist_layer_norm": "no_persist_layer_norm"}
 _RENAMED_DESTS = {"num_moe_experts": "num_experts", "rope_scaling": "use_rope_scaling"}
 # Fields expressed by other flags (activation) or not MLM flags at all (GPT-level, handled explicitly).
-_SPECIAL = {"activation", "gated_linear_unit", "bias_activation_fusion", "num_query_groups", "moe_layer_freq",
-            "seq_length", "share_embeddings_and_output_weights", "vocab_size", "sequence_length", "mock",
-            "data_path", "random_seed", "rope_scaling_factor", "tokenizer_type", "tokenizer_model",
-            "virtual_pipeline_model_parallel_size", "optimizer",
-            # Set by core_transformer_config_from_args itself, to the values mcore_fields pins for Bridge.
-            "inference_sampling_seed", "deallocate_pipeline_outputs", "batch_p2p_comm"}
+_SPECIAL = {
+    "activation",
+    "gated_linear_unit",
+    "bias_activation_fusion",
+    "num_query_groups",
+    "moe_layer_freq",
+    "seq_length",
+    "share_embeddings_and_output_weights",
+    "vocab_size",
+    "sequence_length",
+    "mock",
+    "data_path",
+    "random_seed",
+    "rope_scaling_factor",
+    "tokenizer_type",
+    "tokenizer_model",
+    "virtual_pipeline_model_parallel_size",
+    "optimizer",
+    # Set by core_transformer_config_from_args itself, to the values mcore_fields pins for Bridge.
+    "inference_sampling_seed",
+    "deallocate_pipeline_outputs",
+    "batch_p2p_comm",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -92,8 +109,9 @@ def build_argv(cfg, job: JobIdentity) -> list[str]:
         untie_embeddings_and_output_weights=not gpt["share_embeddings_and_output_weights"],
     )
     tok = mcore_fields.tokenizer(cfg)
-    values.update(tokenizer_type=tok["tokenizer_type"], vocab_size=tok["vocab_size"],
-                  tokenizer_model=tok["tokenizer_model"])
+    values.update(
+        tokenizer_type=tok["tokenizer_type"], vocab_size=tok["vocab_size"], tokenizer_model=tok["tokenizer_model"]
+    )
 
     values.update(mcore_fields.training(cfg))
     values.update(mcore_fields.validation(cfg))
@@ -157,12 +175,14 @@ def parse_and_validate(argv: list[str], world_size: int) -> argparse.Namespace:
     if not torch.cuda.is_available():
         hopper.enter_context(mock.patch.object(arguments, "get_device_arch_version", lambda: 9))
         hopper.enter_context(mock.patch.object(torch.cuda, "get_device_capability", lambda *a, **k: (9, 0)))
-    with process_state.world(world_size), process_state.quiet(), mock.patch.object(sys, "argv", ["pretrain_gpt.py", *argv]):
+    with (
+        process_state.world(world_size),
+        process_state.quiet(),
+        mock.patch.object(sys, "argv", ["pretrain_gpt.py", *argv]),
+    ):
         with hopper:
             args = arguments.parse_args()
             arguments.validate_args(args, {"tokenizer_type": "GPT2BPETokenizer"})
     # The flag is store_true with default None; megatron-core's dataclass (and Bridge) use False. Same behaviour.
     args.use_cpu_initialization = bool(args.use_cpu_initialization)
     return args
-
-

@@ -84,8 +84,13 @@ def get_batch(data_iterator, vp_stage=None):
     )
     batch = flatten_batch_for_packed_sequences(batch)
     batch = get_batch_on_this_cp_rank(batch, is_hybrid_cp=False, cp_group=mpu.get_context_parallel_group())
-    return (batch.get("tokens"), batch.get("labels"), batch.get("loss_mask"), batch.get("attention_mask"),
-            batch.get("position_ids"))
+    return (
+        batch.get("tokens"),
+        batch.get("labels"),
+        batch.get("loss_mask"),
+        batch.get("attention_mask"),
+        batch.get("position_ids"),
+    )
 
 
 def loss_func(loss_mask, output_tensor, model=None):
@@ -103,12 +108,22 @@ def loss_func(loss_mask, output_tensor, model=None):
     if args.check_for_nan_in_loss_and_grad:
         rsm = get_rerun_state_machine()
         for reject, what in ((torch.isnan, "NaN"), (torch.isinf, "Inf")):
-            rsm.validate_result(result=loss, rejection_func=reject, message=f"found {what} in local forward loss",
-                                tolerance=0.0, fatal=True)
+            rsm.validate_result(
+                result=loss,
+                rejection_func=reject,
+                message=f"found {what} in local forward loss",
+                tolerance=0.0,
+                fatal=True,
+            )
     if args.check_for_spiky_loss:
         rsm = get_rerun_state_machine()
-        rsm.validate_result(result=loss, rejection_func=partial(rsm.is_unexpectedly_large, threshold=10, context="loss"),
-                            message="Spiky loss", tolerance=0.0, fatal=False)
+        rsm.validate_result(
+            result=loss,
+            rejection_func=partial(rsm.is_unexpectedly_large, threshold=10, context="loss"),
+            message="Spiky loss",
+            tolerance=0.0,
+            fatal=False,
+        )
     return loss, num_tokens, report
 
 
@@ -119,7 +134,8 @@ def forward_step(data_iterator, model, return_schedule_plan=False):
     timers = get_timers()
     timers("batch-generator", log_level=2).start()
     tokens, labels, loss_mask, attention_mask, position_ids = get_batch(
-        data_iterator, get_attr_wrapped_model(model, "vp_stage"))
+        data_iterator, get_attr_wrapped_model(model, "vp_stage")
+    )
     timers("batch-generator").stop()
     output = model(tokens, position_ids, attention_mask, labels=labels, loss_mask=loss_mask)
     return output, partial(loss_func, loss_mask, model=model)
@@ -140,7 +156,9 @@ def build_datasets(train_val_test_num_samples, vp_stage=None, data_seed=None):
     args = get_args()
     cls = MockGPTDataset if args.mock_data else GPTDataset
     return BlendedMegatronDatasetBuilder(
-        cls, train_val_test_num_samples, partial(dataset_built_on_rank, vp_stage=vp_stage),
+        cls,
+        train_val_test_num_samples,
+        partial(dataset_built_on_rank, vp_stage=vp_stage),
         dataset_config(args, data_seed),
     ).build()
 
