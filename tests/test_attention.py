@@ -174,6 +174,8 @@ def test_packed_sequences_and_bias_are_refused(kind):
         module(q, k, v, None, packed_seq_params=PackedSeqParams(qkv_format="thd"))
     with pytest.raises(ValueError, match="attention_bias"):
         module(q, k, v, None, attention_bias=torch.zeros(1))
+    with pytest.raises(ValueError, match="attention_mask"):  # a mask tensor the kernel would not apply
+        module(q, k, v, torch.ones(1, 1, 4, 4, dtype=torch.bool), attn_mask_type=AttnMaskType.no_mask)
 
 
 def test_other_masks_context_parallel_and_sdpa_determinism_are_refused():

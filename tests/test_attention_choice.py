@@ -69,8 +69,9 @@ def test_mlm_gets_the_spec_as_a_flag_and_bridge_as_code():
     text = export.render(cfg, job_for(cfg))
     assert "--spec unified_train.kernels.spec flex_layer_spec" in text
     assert (
-        "#   and in its Python: cfg.model.transformer_layer_spec = unified_train.kernels.spec.flex_layer_spec" in text
-    )
+        "#   and in its Python: from unified_train.kernels.spec import flex_layer_spec; "
+        "cfg.model.transformer_layer_spec = flex_layer_spec"
+    ) in text
     # The local spec is MLM's default: no flag, so upstream's pretrain_gpt.py needs nothing of ours.
     assert "--spec" not in native("mlm", compose(["parallel.dp=1"])).argv
 
@@ -126,3 +127,22 @@ def test_te_attention_needs_transformer_engine():
         "kernels.attention=te needs Transformer Engine's layer spec: install unified-train[te] and set "
         "kernels.transformer_impl=auto, or choose kernels.attention=flex"
     ]
+
+
+def test_local_attention_under_te_spec_is_refused(monkeypatch):
+    """TE's layer spec builds TE's attention: `local` there would run it while run.json said local."""
+    monkeypatch.setattr(config, "transformer_impl", lambda cfg: "transformer_engine")
+    assert checks.kernels(compose([*LLAMA, "kernels.attention=local"])) == [
+        "kernels.attention=local is megatron-core's DotProductAttention, which the local layer spec builds: set "
+        "kernels.transformer_impl=local, or kernels.attention=te for Transformer Engine's"
+    ]
+    assert config.attention(compose(LLAMA)) == "te"  # auto follows the installed spec
+
+
+def test_pair_id_follows_the_resolved_attention(monkeypatch):
+    """Both halves of a pair run the same kernel: the pair id hashes what auto resolves to on the job's host."""
+    auto, explicit = compose(LLAMA), compose([*LLAMA, "kernels.attention=flex"])
+    assert rundir.pair_id(auto) == rundir.pair_id(explicit)
+    assert rundir.pair_id(auto) != rundir.pair_id(compose([*LLAMA, "kernels.attention=sdpa"]))
+    monkeypatch.setattr(config, "transformer_impl", lambda cfg: "transformer_engine")  # a host with TE
+    assert rundir.pair_id(auto) != rundir.pair_id(explicit)

@@ -181,6 +181,11 @@ def kernels(cfg) -> list[str]:
                 "kernels.attention=flex with determinism=strict"
             )
         return errors
+    if attention == "local" and C.transformer_impl(cfg) == "transformer_engine":
+        return [
+            "kernels.attention=local is megatron-core's DotProductAttention, which the local layer spec builds: "
+            "set kernels.transformer_impl=local, or kernels.attention=te for Transformer Engine's"
+        ]
     if attention == "te" and C.transformer_impl(cfg) != "transformer_engine":
         return [
             "kernels.attention=te needs Transformer Engine's layer spec: install unified-train[te] and set "

@@ -96,7 +96,7 @@ class KernelsConfig:
     # The core attention (softmax(QK^T)V) both stacks build: local = megatron-core's unfused DotProductAttention
     # (materialises the s x s scores), flex = torch flex_attention (compiled, deterministic), sdpa = torch SDPA
     # (cuDNN/flash; fastest, backward not deterministic), te = Transformer Engine's. auto: te with TE's spec,
-    # otherwise flex where the config allows it (attention_dropout_blockers), else local. See kernels/attention.py.
+    # otherwise flex where the config allows it (our_attention_blockers), else local. See kernels/attention.py.
     attention: str = one_of("auto", "local", "flex", "sdpa", "te")
     # megatron-core's AttnBackend: which of TE's kernels its attention uses (only with kernels.attention=te).
     attention_backend: str = one_of("auto", "local", "unfused", "fused", "flash")

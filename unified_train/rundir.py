@@ -28,6 +28,7 @@ TENSORBOARD = "tensorboard"
 WANDB_DIR = "wandb"
 PREFLIGHT_DIR = "preflight"
 GOLDEN_VALUES = "golden_values.json"
+WANDB_PANELS = "wandb_panels.json"  # in a sweep directory
 # Written into a sweep directory after a multirun.
 COMPARISON_MD = "comparison.md"
 COMPARISON_PNG = "comparison.png"
@@ -42,8 +43,10 @@ _NOT_NUMERICS = ("backend", "logger", "launch", "mode", "run_dir", "checkpoint")
 
 
 def pair_id(cfg, also_exclude: tuple[str, ...] = ()) -> str:
-    """A stable hash of everything that determines the numerics: identical for both halves of a pair."""
+    """A stable hash of everything that determines the numerics: identical for both halves of a pair. The layer
+    spec and core attention enter as resolved on this host (`auto` picks by what is installed)."""
     data = OmegaConf.to_container(cfg, resolve=True)
+    data["kernels"].update(transformer_impl=C.transformer_impl(cfg), attention=C.attention(cfg))
     for key in _NOT_NUMERICS:
         data.pop(key, None)
     for dotted in also_exclude:
@@ -86,9 +89,13 @@ class JobIdentity:
 
     def record(self) -> dict:
         """The identity as `run.json` holds it (the directory is where the file is, so it is not stored)."""
-        out = dataclasses.asdict(self)
+        out = self.handover()
         out.pop("run_dir")
         return out
+
+    def handover(self) -> dict:
+        """The whole identity as plain data, for a spawned rank or worker: `JobIdentity(**job.handover())`."""
+        return dataclasses.asdict(self)
 
     def subdir(self, name: str) -> str | None:
         return None if self.run_dir is None else os.path.join(self.run_dir, name)
@@ -173,7 +180,8 @@ def read_metrics(run_dir: str) -> list[dict]:
 
 def read_rank_reports(run_dir: str) -> list[dict]:
     directory = os.path.join(run_dir, PREFLIGHT_DIR)
-    names = sorted(f for f in os.listdir(directory) if f.startswith("rank_")) if os.path.isdir(directory) else []
+    names = os.listdir(directory) if os.path.isdir(directory) else []
+    names = sorted(f for f in names if f.startswith("rank_") and f.endswith(".json"))
     return [_read_json(os.path.join(directory, name)) for name in names]
 
 

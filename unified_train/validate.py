@@ -123,7 +123,7 @@ def _without_hydra(hcfg):
 
 def _output_dir_problems(hcfg, multirun: bool) -> list[str]:
     """Hydra writes its record of a run (.hydra/, and multirun.yaml for a sweep) into the output directory before
-    the job starts, so an earlier run there would lose its record before launch.run could refuse: check first.
+    the job starts, so an earlier run there would lose its record before app.run could refuse: check first.
 
     The ranks of one torchrun job (or srun step) each run this command: they need one directory, which a
     per-process timestamp does not give them, and they write their .hydra/ into it at the same moment, so a rank

@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from unified_train import compat, config, mcore_fields
+from unified_train import compat, mcore_fields
 from unified_train.backends import process_state
 from unified_train.backends.describe import (
     DATASET_FIELDS,
@@ -36,7 +36,7 @@ class Native:
     overrides: list[str]
 
 
-def _model_provider(cfg):
+def _model_provider(cfg, job: JobIdentity):
     import torch.nn.functional as F
     from megatron.bridge.models.gpt_provider import GPTModelProvider
     from megatron.bridge.models.mla_provider import MLAModelProvider
@@ -52,7 +52,7 @@ def _model_provider(cfg):
     provider = cls(**fields, **gpt, virtual_pipeline_model_parallel_size=vpp)
     # The same spec function MLM gets through --spec: MLM's own spec selection (dense or MoE block, MLA), with
     # the unified core attention. Bridge's `local_layer_spec` ignores MLA and the dense/MoE layer pattern.
-    provider.transformer_layer_spec = spec.SPEC_FUNCTIONS[config.attention(cfg)]
+    provider.transformer_layer_spec = spec.SPEC_FUNCTIONS[job.attention]
     if cfg.precision.dtype == "fp32":
         import torch
 
@@ -85,7 +85,7 @@ def build_container(cfg, job: JobIdentity):
     dtype = cfg.precision.dtype
     tok = mcore_fields.tokenizer(cfg)
     container = ConfigContainer(
-        model=_model_provider(cfg),
+        model=_model_provider(cfg, job),
         train=TrainingConfig(**mcore_fields.training(cfg)),
         validation=ValidationConfig(**mcore_fields.validation(cfg)),
         optimizer=OptimizerConfig(**optim, bf16=dtype == "bf16", fp16=dtype == "fp16"),
@@ -330,9 +330,10 @@ class BridgeBackend:
         ]
 
     def export_code(self, native: Native) -> list[str]:
-        """run_recipe.py takes no callable by override: the layer spec is one line of Python on its config."""
+        """run_recipe.py takes no callable by override: the layer spec is Python on its config (and needs
+        unified_train importable there)."""
         fn = native.container.model.transformer_layer_spec
-        return [f"cfg.model.transformer_layer_spec = {fn.__module__}.{fn.__qualname__}"]
+        return [f"from {fn.__module__} import {fn.__qualname__}; cfg.model.transformer_layer_spec = {fn.__qualname__}"]
 
     def write_native(self, native: Native, directory: str) -> None:
         """Bridge's native config: the ConfigContainer as YAML, and the equivalent run_recipe.py command."""

@@ -141,6 +141,9 @@ class _CoreAttention(MegatronModule):
             raise ValueError(f"{self.kind} core attention does not support attention_bias.")
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         causal = self._is_causal(mask_type, query.size(0), key.size(0))
+        if attention_mask is not None and not causal:
+            # A causal mask tensor is the kernel's own mask; any other would be dropped silently.
+            raise ValueError(f"{self.kind} core attention takes no attention_mask tensor without a causal mask type.")
         # [s, b, h, d] -> [b, h, s, d]: a view; both kernels take any strides with a unit last dim.
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         out = self._attend(q, k, v, causal)

@@ -15,10 +15,10 @@ from unified_train.modes import parity
 from unified_train.runtime import ranks
 
 
-def rank_main(cfg_yaml: str, record: dict) -> None:
+def rank_main(cfg_yaml: str, identity: dict) -> None:
     """One rank's checks; the parity diff runs before any process-group work."""
     cfg = OmegaConf.create(cfg_yaml)
-    job = rundir.JobIdentity(**record)
+    job = rundir.JobIdentity(**identity)
     both = parity.describe_both(cfg, job)
     rows = parity.diff(both[parity.LEFT], both[parity.RIGHT])
     ranks.rendezvous_probe(
@@ -47,16 +47,16 @@ def summarize(run_dir: str, expected_world: int) -> dict:
 def run(cfg, job: rundir.JobIdentity) -> int:
     """Run the checks on every rank of the job; returns the exit status (0 when everything is right)."""
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    record = {**job.record(), "run_dir": job.run_dir}
+    identity = job.handover()
     if ranks.launched_as_rank():  # one rank of a launcher's job (torchrun, Slurm): check this rank
-        rank_main(cfg_yaml, record)
+        rank_main(cfg_yaml, identity)
         if ranks.rank() != 0:  # every rank has reported (probe's barrier): rank 0 sums up
             return 0
     elif job.world_size > 1:
-        ranks.spawn(cfg, job.world_size, rank_main, record)
+        ranks.spawn(cfg, job.world_size, rank_main, identity)
     else:
         with ranks.single_rank():
-            rank_main(cfg_yaml, record)
+            rank_main(cfg_yaml, identity)
     rundir.write_job_record(cfg, job)  # after the rendezvous: no rank is still checking the run directory
     summary = summarize(job.run_dir, job.world_size)
     print(

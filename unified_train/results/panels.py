@@ -22,7 +22,7 @@ import sys
 from unified_train import rundir
 
 METRICS = ("lm loss", "grad-norm")  # the keys both stacks log to W&B (MLM's and Bridge's training_log)
-SPEC_FILE = "wandb_panels.json"
+SPEC_FILE = rundir.WANDB_PANELS
 
 
 def build_spec(
@@ -31,7 +31,7 @@ def build_spec(
     """The panels as plain data: project, entity, one section per pair id, and the offline runs to upload."""
     runs = [r for r in rundir.load_runs(sweep_dirs) if not r.is_preflight]
     if not runs:
-        raise SystemExit(f"unified_train.panels: no training runs (run.json) under {', '.join(sweep_dirs)}")
+        raise SystemExit(f"unified_train results.panels: no training runs (run.json) under {', '.join(sweep_dirs)}")
     wandb_cfg = rundir.read_unified_config(runs[0].path).logger.wandb
     sections: dict[str, dict] = {}
     for run in runs:
@@ -141,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         spec = build_spec(args.sweep_dirs, args.project, args.entity, args.title)
     if args.offline or not os.environ.get("WANDB_API_KEY"):
         if args.spec:
-            print("unified_train.panels: WANDB_API_KEY is not set: `wandb login` (or export it) first", file=sys.stderr)
+            print(
+                "unified_train results.panels: WANDB_API_KEY is not set: `wandb login` (or export it) first",
+                file=sys.stderr,
+            )
             return 2
         path, commands = write_offline(spec, args.sweep_dirs[0])
         print(f"W&B panels: offline; spec written to {path}. Once online, run:")

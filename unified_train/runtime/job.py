@@ -18,7 +18,7 @@ from unified_train.runtime import env, ranks
 def run(cfg, job: rundir.JobIdentity, task_started: float | None = None) -> None:
     """Start the job the way its identity and config ask for."""
     if job.world_size > 1 and not ranks.launched_as_rank():
-        ranks.spawn(cfg, job.world_size, _rank_entry, _job_record(job))
+        ranks.spawn(cfg, job.world_size, _rank_entry, job.handover())
     elif cfg.launch.isolation == "process":
         _run_in_fresh_process(cfg, job)
     else:
@@ -73,14 +73,10 @@ def run_job(cfg, job: rundir.JobIdentity, task_started: float | None = None) -> 
     return sink.close(pair_id=job.pair_id)
 
 
-def _job_record(job: rundir.JobIdentity) -> dict:
-    return {**job.record(), "run_dir": job.run_dir}
-
-
-def _rank_entry(cfg_yaml: str, record: dict) -> None:
+def _rank_entry(cfg_yaml: str, identity: dict) -> None:
     """One spawned rank (or isolated worker): a fresh interpreter whose DataLoader workers start as under torchrun."""
     ranks.as_fresh_interpreter()
-    run_job(OmegaConf.create(cfg_yaml), rundir.JobIdentity(**record))
+    run_job(OmegaConf.create(cfg_yaml), rundir.JobIdentity(**identity))
 
 
 def _run_in_fresh_process(cfg, job: rundir.JobIdentity) -> None:
@@ -88,7 +84,7 @@ def _run_in_fresh_process(cfg, job: rundir.JobIdentity) -> None:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    proc = ctx.Process(target=_rank_entry, args=(OmegaConf.to_yaml(cfg, resolve=True), _job_record(job)))
+    proc = ctx.Process(target=_rank_entry, args=(OmegaConf.to_yaml(cfg, resolve=True), job.handover()))
     proc.start()
     proc.join()
     if proc.exitcode != 0:

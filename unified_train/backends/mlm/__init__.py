@@ -127,7 +127,8 @@ class MLMBackend:
         return ["torchrun", f"--nproc-per-node={native.world_size}", "pretrain_gpt.py", *native.argv]
 
     def export_code(self, native: Native) -> list[str]:
-        """Every setting travels as a flag (the layer spec as --spec MODULE FUNCTION)."""
+        """Every setting travels as a flag. The flex/sdpa layer spec is `--spec unified_train.kernels.spec FN`,
+        which upstream's pretrain_gpt.py can import only where unified_train is installed."""
         return []
 
     def write_native(self, native: Native, directory: str) -> None:

@@ -7,7 +7,7 @@ import contextlib
 import sys
 from unittest import mock
 
-from unified_train import config, mcore_fields
+from unified_train import mcore_fields
 from unified_train.backends import process_state
 from unified_train.rundir import JobIdentity
 
@@ -88,13 +88,12 @@ def build_argv(cfg, job: JobIdentity) -> list[str]:
     values["num_query_groups"] = tf["num_query_groups"]
     if tf.get("moe_layer_freq") is not None:
         values["moe_layer_freq"] = "[" + ",".join(map(str, tf["moe_layer_freq"])) + "]"
-    attention = config.attention(cfg)
-    if attention in ("flex", "sdpa"):
+    if job.attention in ("flex", "sdpa"):
         # MLM imports MODULE.FUNCTION into GPTModelConfig.transformer_layer_spec; without --spec it builds its
         # default spec, which is what kernels.spec's local choice builds too.
         from unified_train.kernels import spec
 
-        values["spec"] = [spec.__name__, spec.SPEC_FUNCTIONS[attention].__name__]
+        values["spec"] = [spec.__name__, spec.SPEC_FUNCTIONS[job.attention].__name__]
     if cfg.parallel.vpp is not None:
         values["num_layers_per_virtual_pipeline_stage"] = cfg.model.num_layers // (cfg.parallel.pp * cfg.parallel.vpp)
 
