@@ -64,6 +64,10 @@ def test_compare_main_exit_codes(tmp_path, capsys):
     assert compare.main([str(tmp_path)]) == 0
     assert "exact (bitwise)" in capsys.readouterr().out
     assert compare.main([]) == 2
+    assert compare.main([str(tmp_path / "nowhere")]) == 2  # a typo is not an empty, passing comparison
+    (tmp_path / "empty").mkdir()
+    assert compare.main([str(tmp_path / "empty")]) == 2
+    assert "no run.json under" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

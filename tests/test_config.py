@@ -96,7 +96,7 @@ def test_moe_and_mla_presets():
     assert llama.num_query_groups == 8 and llama.activation == "swiglu" and llama.position_embedding_type == "rope"
 
 
-@pytest.mark.parametrize("iters, warmup", [(1, 1), (10, 1), (25, 2), (1000, 100), (5000, 500), (10000, 500)])
+@pytest.mark.parametrize("iters, warmup", [(1, 0), (10, 1), (25, 2), (1000, 100), (5000, 500), (10000, 500)])
 def test_warmup_is_derived(iters, warmup):
     cfg = compose([f"train.iters={iters}"])
     assert C.warmup_iters(cfg) == warmup
@@ -195,3 +195,14 @@ def test_pair_id_ignores_backend_but_not_numerics():
     mlm, bridge = compose(["backend=mlm"]), compose(["backend=bridge"])
     assert rundir.pair_id(mlm) == rundir.pair_id(bridge)
     assert rundir.pair_id(mlm) != rundir.pair_id(compose(["optim.adam_beta2=0.999"]))
+
+
+def test_a_one_iteration_run_is_valid_and_gets_no_warmup():
+    """The obvious smoke test, `train.iters=1`: the derived warm-up stays below the decay length."""
+    cfg = compose(["train.iters=1"])
+    assert checks.check(cfg) == []
+    assert (C.warmup_iters(cfg), C.decay_iters(cfg)) == (0, 1)
+    assert C.warmup_iters(compose(["train.iters=10"])) == 1 and C.warmup_iters(compose(["train.iters=9000"])) == 500
+    assert checks.check(compose(["train.iters=1", "sched.lr_warmup_iters=1"])) == [
+        "sched.lr_warmup_iters=1 must be below the decay length 1: set sched.lr_warmup_iters=null to derive it"
+    ]

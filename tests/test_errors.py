@@ -28,6 +28,28 @@ BAD_INPUTS = {
         ["data.tokenizer_type=HuggingFaceTokenizer", "data.tokenizer_model=/no/such/dir"],
         "data.tokenizer_model=/no/such/dir",
     ),
+    # Sizes the checks and stacks divide by: refused before anything divides ("integer modulo by zero" otherwise).
+    "micro batch 0": (["train.micro_batch_size=0"], "train.micro_batch_size=0: must be > 0"),
+    "negative micro batch": (["train.micro_batch_size=-4"], "train.micro_batch_size=-4: must be > 0"),
+    "global batch 0": (["train.global_batch_size=0"], "train.global_batch_size=0: must be > 0"),
+    "no layers": (["model.num_layers=0"], "model.num_layers=0: must be > 0"),
+    "no query groups": (["model.num_query_groups=0"], "model.num_query_groups=0: must be > 0"),
+    "dp 0": (["parallel.dp=0"], "parallel.dp=0: must be > 0"),
+    "tp 0": (["parallel.tp=0"], "parallel.tp=0: must be > 0"),
+    "seq length 0": (["train.seq_length=0"], "train.seq_length=0: must be > 0"),
+    "no nodes": (["parallel.nnodes=0"], "parallel.nnodes=0: must be > 0"),
+    "negative lr": (["optim.lr=-1e-4"], "optim.lr=-0.0001: must be >= 0"),
+    "lr below min_lr": (["optim.lr=1e-5"], "optim.lr=1e-05 is below optim.min_lr=3e-05"),
+    "beta2 of 1": (["optim.adam_beta2=1.0"], "optim.adam_beta2=1.0: must be in [0, 1)"),
+    "dropout above 1": (["model.hidden_dropout=1.5"], "model.hidden_dropout=1.5: must be in [0, 1)"),
+    "vpp without pp": (["parallel.vpp=2"], "parallel.vpp=2 interleaves pipeline stages and needs parallel.pp > 1"),
+    "topk above experts": (
+        ["model=deepseek_v2_lite", "model.moe_router_topk=65"],
+        "model.moe_router_topk=65 is above model.num_experts=64",
+    ),
+    # Hydra lets `+` add keys past the schema's struct flag; the checks do not.
+    "+ key in a group": (["+train.iter=5"], "train.iter: unknown key"),
+    "+ key at the top": (["+foo=1"], "foo: unknown key"),
 }
 
 

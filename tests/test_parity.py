@@ -313,3 +313,10 @@ def test_parity_command_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "parity: all" in proc.stdout
     assert "fields are identical" in proc.stdout
+
+
+def test_a_one_iteration_run_translates_identically():
+    """train.iters=1 (warm-up 0): both stacks' schedulers yield the same lr, and every other field agrees."""
+    both = describe_both(compose(["parallel.dp=1", "train.iters=1"]))
+    assert parity.diff(both["mlm"], both["bridge"]) == []
+    assert both["mlm"]["schedule.lr@1"] == both["bridge"]["schedule.lr@1"] > 0

@@ -14,11 +14,60 @@ from omegaconf import OmegaConf
 from unified_train import config as C
 from unified_train import datafiles, resources, rundir
 
+# Sizes and counts the checks below and both stacks divide by or loop over (None where the field is optional).
+_POSITIVE = (
+    "parallel.tp",
+    "parallel.pp",
+    "parallel.cp",
+    "parallel.ep",
+    "parallel.dp",
+    "parallel.vpp",
+    "parallel.nnodes",
+    "parallel.gpus_per_node",
+    "model.num_layers",
+    "model.hidden_size",
+    "model.num_attention_heads",
+    "model.num_query_groups",
+    "model.ffn_hidden_size",
+    "model.kv_channels",
+    "model.vocab_size",
+    "model.make_vocab_size_divisible_by",
+    "model.max_position_embeddings",
+    "model.num_experts",
+    "model.moe_router_topk",
+    "model.moe_ffn_hidden_size",
+    "train.iters",
+    "train.micro_batch_size",
+    "train.global_batch_size",
+    "train.seq_length",
+    "sched.lr_decay_iters",
+    "checkpoint.save_interval",
+    "validation.eval_interval",
+    "logger.log_interval",
+    "model.norm_epsilon",
+    "model.init_method_std",
+    "optim.adam_eps",
+)
+_NON_NEGATIVE = (
+    "sched.lr_warmup_iters",
+    "validation.eval_iters",
+    "data.num_workers",
+    "model.moe_first_dense_layers",
+    "optim.lr",
+    "optim.min_lr",
+    "optim.weight_decay",
+    "optim.clip_grad",
+    "sched.lr_warmup_init",
+    "model.moe_aux_loss_coeff",
+    "model.rotary_base",
+)
+_FRACTION = ("model.hidden_dropout", "model.attention_dropout", "optim.adam_beta1", "optim.adam_beta2")  # [0, 1)
+
 
 def check(cfg) -> list[str]:
-    """Every problem with the config. Values outside their choices or below 1 are reported alone: the other
-    checks compute with them."""
-    errors = choices(cfg) + parallel_sizes(cfg)
+    """Every problem with the config. Keys outside the schema, values outside their choices or ranges are
+    reported alone: the other checks compute with them."""
+    errors = unknown_keys(cfg) + choices(cfg) + ranges(cfg)
     if errors:
         return errors
     for concern in (topology, batch, position_table, schedule, determinism, data, tokenizer, kernels, resume):
@@ -35,11 +84,53 @@ def choices(cfg) -> list[str]:
     return errors
 
 
-def parallel_sizes(cfg) -> list[str]:
-    p = cfg.parallel
-    return [
-        f"parallel.{key}={getattr(p, key)}: must be >= 1" for key in ("tp", "pp", "cp", "ep") if getattr(p, key) < 1
-    ]
+def unknown_line(key: str) -> str:
+    """The one line for a key the schema does not have (also Hydra's own refusal, in validate.py)."""
+    return f"{key}: unknown key; check the spelling (python -m unified_train --cfg job lists all keys)"
+
+
+def unknown_keys(cfg, schema=None, prefix: str = "") -> list[str]:
+    """Keys a `+key=value` override added outside the schema (Hydra lets `+` past the struct flag); only
+    backend.extra carries free-form native settings."""
+    schema = OmegaConf.structured(C.UnifiedConfig) if schema is None else schema
+    errors = []
+    known = set(schema.keys())  # `in` would miss the schema's mandatory (MISSING) fields
+    for key in cfg:
+        if key not in known:
+            errors.append(unknown_line(f"{prefix}{key}"))
+        elif OmegaConf.is_dict(cfg[key]) and OmegaConf.is_dict(schema[key]):
+            errors += unknown_keys(cfg[key], schema[key], f"{prefix}{key}.")
+    return errors
+
+
+def ranges(cfg) -> list[str]:
+    """Values in range, and the relations between them that a stack asserts inside its loop."""
+    errors = []
+    for keys, ok, what in (
+        (_POSITIVE, lambda v: v > 0, "must be > 0"),
+        (_NON_NEGATIVE, lambda v: v >= 0, "must be >= 0"),
+        (_FRACTION, lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    ):
+        for key in keys:
+            value = OmegaConf.select(cfg, key)
+            if value is not None and not ok(value):
+                errors.append(f"{key}={value}: {what}")
+    if errors:
+        return errors
+    o, m, p = cfg.optim, cfg.model, cfg.parallel
+    if o.lr < o.min_lr:
+        errors.append(f"optim.lr={o.lr} is below optim.min_lr={o.min_lr}: raise optim.lr or lower optim.min_lr")
+    if m.num_experts is not None and m.moe_router_topk > m.num_experts:
+        errors.append(
+            f"model.moe_router_topk={m.moe_router_topk} is above model.num_experts={m.num_experts}: "
+            f"choose at most {m.num_experts}"
+        )
+    if p.vpp is not None and p.pp == 1:
+        errors.append(
+            f"parallel.vpp={p.vpp} interleaves pipeline stages and needs parallel.pp > 1: set "
+            "parallel.vpp=null or raise parallel.pp"
+        )
+    return errors
 
 
 def topology(cfg) -> list[str]:
@@ -128,8 +219,6 @@ def schedule(cfg) -> list[str]:
             f"sched.lr_warmup_iters={warmup} must be below the decay length {decay}: "
             f"set sched.lr_warmup_iters=null to derive it"
         )
-    if cfg.train.iters < 1:
-        errors.append(f"train.iters={cfg.train.iters}: must be >= 1")
     return errors
 
 

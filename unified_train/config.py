@@ -150,7 +150,7 @@ class OptimConfig:
 @dataclass
 class SchedConfig:
     lr_decay_style: str = one_of("constant", "linear", "cosine", "inverse-square-root", "WSD", default="cosine")
-    # None: min(500, max(1, train.iters // 10)) -- Bridge's 500 when the run is long enough, else 10%.
+    # None: derived (config.warmup_iters): Bridge's 500 when the run is long enough, else 10%.
     lr_warmup_iters: Optional[int] = None
     lr_decay_iters: Optional[int] = None  # None: train.iters
     lr_warmup_init: float = 0.0
@@ -272,9 +272,11 @@ def register_configs() -> None:
 
 
 def warmup_iters(cfg) -> int:
+    """Bridge's 500 when the run is long enough, else 10 % of it, and always below the decay length (MLM asserts
+    it; a one-iteration run gets none)."""
     if cfg.sched.lr_warmup_iters is not None:
         return cfg.sched.lr_warmup_iters
-    return min(500, max(1, cfg.train.iters // 10))
+    return min(500, max(1, cfg.train.iters // 10), decay_iters(cfg) - 1)
 
 
 def decay_iters(cfg) -> int:

@@ -62,7 +62,7 @@ def _one_line(exc: Exception) -> str:
         return f"{group}{hint}".replace("In 'config': ", "").replace("Could not find ", "unknown option ")
     full_key = getattr(exc, "full_key", None)
     if isinstance(exc, ConfigKeyError) or "not in struct" in text or (text.startswith("Key '") and " not in " in text):
-        return f"{full_key or text}: unknown key; check the spelling (python -m unified_train --cfg job lists all keys)"
+        return checks.unknown_line(full_key or text)
     if isinstance(exc, ValidationError):
         return f"{full_key}: {text.split('full_key')[0].strip()}; give a value of the declared type"
     if isinstance(exc, MissingMandatoryValue):

@@ -263,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     if not args.sweep_dirs:
         print("usage: python -m unified_train.results.compare SWEEP_DIR [SWEEP_DIR ...]", file=sys.stderr)
         return 2
+    missing = [d for d in args.sweep_dirs if not os.path.isdir(d)]
+    if missing or not rundir.load_runs(args.sweep_dirs):
+        what = f"{missing[0]}: no such directory" if missing else f"no run.json under {', '.join(args.sweep_dirs)}"
+        print(f"unified_train.results.compare: {what}: give a sweep or run directory", file=sys.stderr)
+        return 2
     text, ok = report(args.sweep_dirs, gate=args.gate, out_dir=args.sweep_dirs[0] if args.write else None)
     print(text)
     return 0 if ok else 1
