@@ -121,7 +121,7 @@ def test_what_cannot_run_is_refused_in_one_line(overrides, line, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.skipif(checks.importable("transformer_engine"), reason="Transformer Engine is installed here")
+@pytest.mark.skipif(config.te_installed(), reason="Transformer Engine is installed here")
 def test_te_attention_needs_transformer_engine():
     assert checks.check(compose(["kernels.attention=te"])) == [
         "kernels.attention=te needs Transformer Engine's layer spec: install unified-train[te] and set "

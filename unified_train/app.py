@@ -15,10 +15,10 @@ def run(cfg) -> None:
     task_started = process_seconds()
     os.environ.update(env.process_env(cfg))  # before torch is imported: some settings are read at import
     ranks.adopt_slurm_ranks()  # before the world size is read: MLM reads RANK/WORLD_SIZE while parsing
-    sweep_id = _sweep_id()
-    world = resources.world_size(cfg)
-    if cfg.mode in ("parity", "export"):
-        job = rundir.identity(cfg, world_size=world, sweep_id=sweep_id, run_dir=cfg.run_dir)
+    builds_only = cfg.mode in ("parity", "export")  # native configs, no run directory of Hydra's
+    run_dir = cfg.run_dir if builds_only else cfg.run_dir or _hydra_output_dir()
+    job = rundir.identity(cfg, world_size=resources.world_size(cfg), sweep_id=_sweep_id(), run_dir=run_dir)
+    if builds_only:
         if cfg.mode == "parity":
             from unified_train.modes import parity
 
@@ -27,7 +27,6 @@ def run(cfg) -> None:
 
         print(export.render(cfg, job))
         return
-    job = rundir.identity(cfg, world_size=world, sweep_id=sweep_id, run_dir=cfg.run_dir or _hydra_output_dir())
     problem = rundir.check_run_dir(job.run_dir, rundir.output_dir_key(cfg, multirun=job.multirun))
     if problem:
         _refuse(problem)

@@ -6,7 +6,6 @@ or GPU work.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 from omegaconf import OmegaConf
@@ -256,7 +255,7 @@ def tokenizer(cfg) -> list[str]:
 
 def kernels(cfg) -> list[str]:
     k = cfg.kernels
-    if k.transformer_impl == "transformer_engine" and not importable("transformer_engine"):
+    if k.transformer_impl == "transformer_engine" and not C.te_installed():
         return [
             "kernels.transformer_impl=transformer_engine but Transformer Engine is not installed: "
             "use kernels.transformer_impl=auto or install unified-train[te]"
@@ -305,10 +304,6 @@ def resume(cfg) -> list[str]:
         f"checkpoint.load={load} holds no checkpoint (no {rundir.CHECKPOINT_TRACKER}), so neither stack would "
         f"resume: give {fix}"
     ]
-
-
-def importable(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
 
 
 def _divisors(n: int) -> str:

@@ -9,6 +9,7 @@ the field (`one_of`); `choices()` collects them for the up-front checks. No heav
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -301,14 +302,20 @@ def ffn_hidden_size(cfg) -> int:
     return m.ffn_hidden_size if m.ffn_hidden_size is not None else 4 * m.hidden_size
 
 
-def transformer_impl(cfg) -> str:
-    """The layer spec both stacks build: kernels.transformer_impl, with auto resolved by what is installed."""
+@functools.cache
+def te_installed() -> bool:
+    """Whether Transformer Engine can be imported (looked up once per process, without importing it)."""
     import importlib.util
 
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def transformer_impl(cfg) -> str:
+    """The layer spec both stacks build: kernels.transformer_impl, with auto resolved by what is installed."""
     impl = cfg.kernels.transformer_impl
     if impl != "auto":
         return impl
-    return "transformer_engine" if importlib.util.find_spec("transformer_engine") else "local"
+    return "transformer_engine" if te_installed() else "local"
 
 
 def our_attention_blockers(cfg) -> list[str]:

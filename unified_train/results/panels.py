@@ -31,7 +31,7 @@ def build_spec(
     """The panels as plain data: project, entity, one section per pair id, and the offline runs to upload."""
     runs = [r for r in rundir.load_runs(sweep_dirs) if not r.is_preflight]
     if not runs:
-        raise SystemExit(f"unified_train results.panels: no training runs (run.json) under {', '.join(sweep_dirs)}")
+        raise SystemExit(f"unified_train.results.panels: no training runs (run.json) under {', '.join(sweep_dirs)}")
     wandb_cfg = rundir.read_unified_config(runs[0].path).logger.wandb
     sections: dict[str, dict] = {}
     for run in runs:
@@ -142,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.offline or not os.environ.get("WANDB_API_KEY"):
         if args.spec:
             print(
-                "unified_train results.panels: WANDB_API_KEY is not set: `wandb login` (or export it) first",
+                "unified_train.results.panels: WANDB_API_KEY is not set: `wandb login` (or export it) first",
                 file=sys.stderr,
             )
             return 2
