@@ -6,9 +6,11 @@ import os
 import re
 
 import pytest
-from ut_helpers import run_cli, run_python
+from ut_helpers import fake_gpu_env, run_cli, run_python
 
-# (overrides, a key the one line must name)
+# (overrides, what the one line must say, naming the key[, the environment: added variables, or "gpu" for a host
+# with one GPU (ut_helpers.fake_gpu_env)]). Overrides get mode=parity unless they set a mode; {file} is a regular
+# file and {read_only} a directory that cannot be written, both outside the working directory.
 BAD_INPUTS = {
     "unknown backend": (["backend=foo"], "backend"),
     "unknown model": (["model=no_such_model"], "model"),
@@ -47,9 +49,111 @@ BAD_INPUTS = {
         ["model=deepseek_v2_lite", "model.moe_router_topk=65"],
         "model.moe_router_topk=65 is above model.num_experts=64",
     ),
+    "bf16 gradients reduced in bf16": (
+        ["precision.grad_reduce_in_fp32=false"],
+        "precision.grad_reduce_in_fp32=false: both stacks reduce bf16 gradients in fp32",
+    ),
+    "expert split above a stage": (
+        ["model=deepseek_v2_lite", "parallel.ep=8", "parallel.etp=2", "parallel.gpus_per_node=8"],
+        "parallel.ep*etp=16 does not divide the 8 ranks of a pipeline stage",
+    ),
+    "etp without experts": (["parallel.etp=2"], "parallel.etp=2 needs a mixture-of-experts model"),
     # Hydra lets `+` add keys past the schema's struct flag; the checks do not.
     "+ key in a group": (["+train.iter=5"], "train.iter: unknown key"),
+    "negative repeats": (["compare.repeats=-1"], "compare.repeats=-1: must be >= 0"),
     "+ key at the top": (["+foo=1"], "foo: unknown key"),
+    # Issue 19's list: expert parallelism above the world, a pass-through string, an unquoted Bridge extra.
+    "ep above the world": (["model=deepseek_v2_lite", "parallel.ep=8"], "parallel.ep*etp=8 does not divide the 1"),
+    "bogus checkpoint format": (["checkpoint.format=bogus"], "checkpoint.format=bogus: not one of torch_dist"),
+    "unquoted Bridge extra": (
+        ["backend=bridge", "backend.extra=[model.seq_length=4096]"],
+        "backend.extra=[model.seq_length=4096]: cannot be parsed",
+    ),
+    # No GPU is read from the hardware: none of these make one up (this machine has none).
+    "no GPU, gpus_per_node given": (["mode=train", "parallel.gpus_per_node=1"], "mode=train: no GPU is visible"),
+    "no GPU, CUDA_VISIBLE_DEVICES": (["mode=train"], "mode=train: no GPU is visible", {"CUDA_VISIBLE_DEVICES": "0"}),
+    "no GPU, WORLD_SIZE=1": (["mode=train"], "mode=train: no GPU is visible", {"WORLD_SIZE": "1"}),
+    "no GPU for numerics": (["mode=numerics"], "mode=numerics: no GPU is visible"),
+    # With one GPU (an nvidia-smi stand-in): what this host cannot start.
+    "several nodes without a launcher": (["mode=train", "parallel.nnodes=2"], "parallel.nnodes=2: a job of", "gpu"),
+    "more GPUs per node than the host": (["mode=train", "parallel.gpus_per_node=8"], "parallel.gpus_per_node=8", "gpu"),
+    "world above the GPUs": (["mode=train", "parallel.dp=2"], "parallel.tp*pp*cp*dp = 2 GPUs but 1", "gpu"),
+    "model above the GPU's memory": (["mode=train", "model=llama3_8b"], "model.name=llama3_8b: weights", "gpu"),
+    # Output directories that cannot be made: a path under a regular file, a read-only directory.
+    "run dir under a file": (["hydra.run.dir={file}/run"], "hydra.run.dir={file}/run: cannot be created"),
+    "sweep dir under a file": (
+        ["-m", "backend=mlm,bridge", "hydra.sweep.dir={file}/sweep"],
+        "hydra.sweep.dir={file}/sweep: cannot be created",
+    ),
+    "run_dir is a file": (["mode=preflight", "run_dir={file}"], "run_dir={file}: cannot be created"),
+    "run dir read-only": (["hydra.run.dir={read_only}/run"], "hydra.run.dir={read_only}/run: cannot be created"),
+    # Sizes, rates and fractions out of range.
+    "pp 0": (["parallel.pp=0"], "parallel.pp=0: must be > 0"),
+    "cp 0": (["parallel.cp=0"], "parallel.cp=0: must be > 0"),
+    "ep 0": (["parallel.ep=0"], "parallel.ep=0: must be > 0"),
+    "no hidden size": (["model.hidden_size=0"], "model.hidden_size=0: must be > 0"),
+    "no heads": (["model.num_attention_heads=0"], "model.num_attention_heads=0: must be > 0"),
+    "negative ffn size": (["model.ffn_hidden_size=-1"], "model.ffn_hidden_size=-1: must be > 0"),
+    "no vocabulary": (["model.vocab_size=0"], "model.vocab_size=0: must be > 0"),
+    "no iterations": (["train.iters=0"], "train.iters=0: must be > 0"),
+    "no decay": (["sched.lr_decay_iters=0"], "sched.lr_decay_iters=0: must be > 0"),
+    "negative warm-up": (["sched.lr_warmup_iters=-1"], "sched.lr_warmup_iters=-1: must be >= 0"),
+    "eval interval 0": (["validation.eval_interval=0"], "validation.eval_interval=0: must be > 0"),
+    "save interval 0": (["checkpoint.save_interval=0"], "checkpoint.save_interval=0: must be > 0"),
+    "log interval 0": (["logger.log_interval=0"], "logger.log_interval=0: must be > 0"),
+    "negative weight decay": (["optim.weight_decay=-0.1"], "optim.weight_decay=-0.1: must be >= 0"),
+    "negative clip": (["optim.clip_grad=-1"], "optim.clip_grad=-1.0: must be >= 0"),
+    "beta1 of 1": (["optim.adam_beta1=1.0"], "optim.adam_beta1=1.0: must be in [0, 1)"),
+    "adam eps 0": (["optim.adam_eps=0"], "optim.adam_eps=0.0: must be > 0"),
+    "negative workers": (["data.num_workers=-1"], "data.num_workers=-1: must be >= 0"),
+    # Types, choices, keys and the command line's grammar.
+    "tp not a number": (["parallel.tp=two"], "parallel.tp: Value 'two'"),
+    "fractional micro batch": (["train.micro_batch_size=1.5"], "train.micro_batch_size: Value '1.5'"),
+    "bogus attention": (["kernels.attention=bogus"], "kernels.attention=bogus: not one of"),
+    "bogus decay style": (["sched.lr_decay_style=bogus"], "sched.lr_decay_style=bogus: not one of"),
+    "bogus mode": (["mode=bogus"], "mode=bogus: not one of train, parity"),
+    "bogus exit signal": (["checkpoint.exit_signal=SIGFOO"], "checkpoint.exit_signal=SIGFOO: not one of"),
+    "unknown determinism option": (["determinism=bogus"], "determinism/bogus"),
+    "misspelt key": (["model.num_layer=4"], "model.num_layer: unknown key"),
+    "unparsable override": (["train.iters=1)"], "train.iters=1): cannot be parsed"),
+    "a group removed": (["~backend"], "backend.name: required but not set"),
+    # Relations between values.
+    "cp vs sequence length": (["parallel.cp=3"], "train.seq_length=512 is not divisible by 2*parallel.cp=6"),
+    "warm-up not below decay": (["sched.lr_warmup_iters=10"], "sched.lr_warmup_iters=10 must be below"),
+    "experts % ep": (
+        ["model=deepseek_v2_lite", "parallel.ep=3", "parallel.dp=3", "train.global_batch_size=48"],
+        "model.num_experts=64 is not divisible by parallel.ep=3",
+    ),
+    "ep without experts": (["parallel.ep=2"], "parallel.ep=2 needs a mixture-of-experts model"),
+    "query groups % heads": (["model.num_query_groups=3"], "model.num_query_groups=3 does not divide"),
+    "query groups % tp": (["model=llama32_1b", "parallel.tp=16"], "model.num_query_groups=8 is not divisible"),
+    "dense layers >= layers": (["model=deepseek_v2_lite", "model.num_layers=1"], "model.moe_first_dense_layers=1"),
+    "position table vs sequence": (["model.max_position_embeddings=1024"], "model.max_position_embeddings=1024"),
+    "flex with attention dropout": (["kernels.attention=flex"], "kernels.attention=flex with model.attention_dropout"),
+    "local attention with MLA": (["model=deepseek_v2_lite", "kernels.attention=local"], "kernels.attention=local"),
+    "Transformer Engine missing": (["kernels.transformer_impl=transformer_engine"], "kernels.transformer_impl="),
+    "deterministic with fused CE": (
+        ["determinism.deterministic_mode=true", "kernels.cross_entropy_loss_fusion=true"],
+        "determinism.deterministic_mode=true needs kernels.cross_entropy_loss_fusion=false",
+    ),
+    # Data, checkpoints, resume.
+    "indexed data without a path": (["data=indexed", "data.tokenizer_type=NullTokenizer"], "data.data_path is empty"),
+    "indexed data missing": (
+        ["data=indexed", "data.tokenizer_type=NullTokenizer", "data.data_path=[/no/such/prefix]"],
+        "data.data_path: /no/such/prefix.bin not found",
+    ),
+    "mock data with a path": (["data.data_path=[/data/a]"], "data.data_path is set but data.type=mock"),
+    "tokenizer without a directory": (["data.tokenizer_type=HuggingFaceTokenizer"], "data.tokenizer_model is unset"),
+    "checkpoint directory missing": (["checkpoint.load=/no/such/dir"], "checkpoint.load=/no/such/dir: no such"),
+    "iteration without a checkpoint": (["checkpoint.load_iteration=5"], "checkpoint.load_iteration is set but"),
+    "resume always from nothing": (["checkpoint.resume=always"], "checkpoint.resume=always: no checkpoint"),
+    "numerics continuing a run": (["mode=numerics", "checkpoint.resume=if_available"], "checkpoint.resume=if_avail"),
+    # hydra/launcher=slurm: checked on the submitting host, which needs no GPU.
+    "Slurm without GPUs per node": (["-m", "hydra/launcher=slurm"], "parallel.gpus_per_node is unset"),
+    "Slurm world vs tasks": (
+        ["-m", "hydra/launcher=slurm", "parallel.gpus_per_node=4", "parallel.dp=8"],
+        "parallel.tp*pp*cp*dp = 8 ranks but the Slurm job has 1 node(s) x 4 tasks",
+    ),
 }
 
 
@@ -57,17 +161,47 @@ def _error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("unified_train:")]
 
 
+def _read_only_dir(tmp_path) -> str:
+    """A directory this process cannot write into: mode 0o500, or (root passes permission checks) a read-only
+    mount."""
+    directory = tmp_path / "read_only"
+    directory.mkdir()
+    directory.chmod(0o500)
+    if not os.access(directory, os.W_OK):
+        return str(directory)
+    if os.path.isdir("/proc/sys") and not os.access("/proc/sys", os.W_OK):
+        return "/proc/sys"
+    pytest.skip("running as root with no read-only mount to write into")
+
+
 @pytest.mark.parametrize("case", list(BAD_INPUTS))
 def test_bad_input_one_line_exit_2_nothing_written(case, tmp_path):
-    overrides, key = BAD_INPUTS[case]
-    proc = run_cli([*overrides, "mode=parity"], tmp_path, timeout=120)
-    assert proc.returncode == 2, proc.stderr
+    """Exit code 2, one `unified_train:` line saying what is wrong with which key, nothing on stdout, nothing written,
+    and neither torch nor megatron imported (-X importtime lists every module the process imported)."""
+    overrides, says, *environment = BAD_INPUTS[case]
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    places = {"file": tmp_path / "a_file", "read_only": None}
+    places["file"].write_text("not a directory\n")
+    if any("{read_only}" in o for o in overrides):
+        places["read_only"] = _read_only_dir(tmp_path)
+    overrides, says = [o.format(**places) for o in overrides], says.format(**places)
+    env = fake_gpu_env(tmp_path) if environment == ["gpu"] else (environment or [{}])[0]
+    mode = [] if any(o.startswith("mode=") for o in overrides) else ["mode=parity"]
+    proc = run_cli([*overrides, *mode], cwd, python_flags=("-X", "importtime"), timeout=120, env=env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
     lines = _error_lines(proc.stderr)
-    assert len(lines) == 1, proc.stderr
-    assert key in lines[0], lines[0]
+    assert len(lines) == 1, lines
+    assert says in lines[0], lines[0]
     assert "Traceback" not in proc.stderr
     assert proc.stdout == ""
-    assert list(tmp_path.iterdir()) == []
+    assert "import time:" in proc.stderr and _heavy_imports(proc.stderr) == []
+    assert list(cwd.iterdir()) == []
+    assert places["file"].read_text() == "not a directory\n"
+
+
+def test_the_bad_input_table_covers_issue_19():
+    assert len(BAD_INPUTS) >= 60
 
 
 def test_unknown_model_lists_the_choices(tmp_path):

@@ -95,6 +95,31 @@ def test_zero_differences_for_every_preset_and_topology(preset, tp, pp):
     assert rows == [], parity.table(rows)
 
 
+@pytest.mark.parametrize("dtype", ["fp16", "fp32"])
+@pytest.mark.parametrize("preset", PRESETS)
+def test_zero_differences_for_every_preset_in_every_precision(preset, dtype):
+    """bf16 is the sweep above. fp16: Bridge's preset would reduce gradients in fp16 and keep the NaN check that
+    MLM turns off for dynamic loss scaling; both follow the unified config instead."""
+    cfg = _topology_cfg(preset, 2, 2, [f"precision.dtype={dtype}"])
+    assert checks.check(cfg) == []
+    both = describe_both(cfg)
+    assert both["mlm"]["ddp.check_for_nan_in_grad"] == (dtype != "fp16")
+    rows = parity.diff(both["mlm"], both["bridge"])
+    assert rows == [], parity.table(rows)
+
+
+@pytest.mark.parametrize("tp, ep, etp", [(1, 8, None), (2, 4, None), (2, 8, 1), (4, 2, 2), (2, 2, 4)])
+def test_zero_differences_for_every_expert_split(tp, ep, etp):
+    """The expert tensor-parallel size is stated for both (MLM's default is tp, Bridge's provider has 1)."""
+    split = [f"parallel.tp={tp}", f"parallel.ep={ep}", "parallel.gpus_per_node=16", "train.global_batch_size=64"]
+    cfg = compose(["model=deepseek_v2_lite", "model.num_layers=2", *split, *([f"parallel.etp={etp}"] if etp else [])])
+    assert checks.check(cfg) == []
+    both = describe_both(cfg)
+    assert both["bridge"]["transformer.expert_tensor_parallel_size"] == (etp or tp)
+    rows = parity.diff(both["mlm"], both["bridge"])
+    assert rows == [], parity.table(rows)
+
+
 def test_invalid_topologies_are_exactly_the_head_counts():
     """The skips above are real: vanilla_gpt (4 heads) and gpt_125m (12 heads) cannot use tp=8."""
     invalid = {(p, tp) for p in PRESETS for tp in (1, 2, 4, 8) if checks.check(_topology_cfg(p, tp, 1))}
@@ -320,3 +345,19 @@ def test_a_one_iteration_run_translates_identically():
     both = describe_both(compose(["parallel.dp=1", "train.iters=1"]))
     assert parity.diff(both["mlm"], both["bridge"]) == []
     assert both["mlm"]["schedule.lr@1"] == both["bridge"]["schedule.lr@1"] > 0
+
+
+def test_a_long_run_traces_a_bounded_schedule():
+    """A run of 10^9 iterations: the schedule is compared at the first iterations and at as many spread up to the
+    last (each stack's scheduler stepped straight there), not at every one."""
+    from unified_train.backends import describe
+
+    iters = 10**9
+    both = describe_both(compose([f"train.iters={iters}", "sched.lr_warmup_iters=100"]))
+    traced = describe.traced_iterations(iters)
+    assert len(traced) == 2 * describe.TRACED_ITERATIONS and traced[-1] == iters
+    for d in both.values():
+        assert sorted(int(k.split("@")[1]) for k in d if k.startswith("schedule.lr@")) == traced
+    assert both["mlm"]["schedule.lr@101"] == both["bridge"]["schedule.lr@101"] == 3e-4  # warm-up ends at 100
+    assert both["mlm"][f"schedule.lr@{iters}"] == both["bridge"][f"schedule.lr@{iters}"] < 3.1e-5  # decayed to min
+    assert parity.diff(both["mlm"], both["bridge"]) == []

@@ -9,6 +9,7 @@ import sys
 
 from ut_helpers import run_cli, subprocess_env
 
+from unified_train.results import compare
 from unified_train.runtime import env
 
 
@@ -21,7 +22,7 @@ def test_two_spawned_ranks_report_and_summarize(tmp_path):
         env={"NCCL_NVLS_ENABLE": "1"},
     )  # a shell that would turn NVLink multicast on
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "preflight: OK: ranks [0, 1] of world 2" in proc.stdout
+    assert proc.stdout.startswith("preflight: OK: ranks [0, 1] of world 2") and proc.stdout.count("\n") == 1
     reports = [json.loads((run_dir / "preflight" / f"rank_{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in reports] == [0, 1] and all(r["world_size"] == 2 for r in reports)
     assert all(r["all_reduce_ok"] and r["parity_differences"] == [] and r["parity_fields"] > 400 for r in reports)
@@ -39,9 +40,15 @@ def test_a_parity_difference_fails_the_preflight(tmp_path):
         ["mode=preflight", "backend.extra=[--adam-beta2,0.999]", f"hydra.run.dir={run_dir}"], tmp_path, timeout=400
     )
     assert proc.returncode == 1
-    assert "parity DIFFERS" in proc.stdout
+    # The one line names the differing fields, and is all of stdout (the stacks' logs go to stderr).
+    (line,) = proc.stdout.splitlines()
+    assert line.startswith("preflight: FAILED:") and "parity DIFFERS in optimizer.adam_beta2" in line, line
     report = json.loads((run_dir / "preflight" / "rank_0.json").read_text())
     assert "optimizer.adam_beta2" in report["parity_differences"] and report["world_size"] == 1
+    summary = json.loads((run_dir / "preflight" / "summary.json").read_text())
+    assert summary["parity_differences"] == report["parity_differences"]
+    text, ok = compare.report([str(run_dir)])  # the comparison's preflight table names them too
+    assert not ok and "DIFFERS in optimizer.adam_beta2" in text
 
 
 def test_under_torchrun_every_rank_checks_and_rank_0_sums_up(tmp_path):

@@ -10,11 +10,13 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from unittest import mock
 
 import pytest
 from ut_helpers import REPO, run_cli, subprocess_env
 
+from unified_train import rundir
 from unified_train.runtime import ranks
 from unified_train.runtime.ranks import RANK_VARIABLES
 
@@ -193,3 +195,61 @@ def test_preflight_sweep_runs_as_a_slurm_array_of_two_rank_jobs(slurm_env, tmp_p
     report = (sweep / "comparison.md").read_text()
     assert "preflight verdict: **pass** (4 of 4 jobs ok, 2 pairs)" in report
     assert report.count("| [0, 1] |") == 4 and "DIFFERS" not in report
+
+
+@pytest.mark.slurm
+def test_a_preempted_job_saves_is_requeued_and_continues(slurm_env, tmp_path):
+    """Slurm signals the job (as it does before a time limit, or on preemption): the stack saves and stops, the
+    signal reaches submitit, which requeues the job into the same directory, where checkpoint.resume=if_available
+    continues it from that checkpoint. The stack is tests/requeue_standin.py's CPU stand-in; the rest is real."""
+    sweep = tmp_path / "sweep"
+    cmd = [
+        sys.executable,
+        str(REPO / "tests" / "requeue_standin.py"),
+        "-m",
+        "hydra/launcher=slurm",
+        "parallel.gpus_per_node=1",
+        "hydra.launcher.gpus_per_node=null",
+        "hydra.launcher.cpus_per_task=1",
+        "~hydra.callbacks.compare",
+        "backend=mlm",
+        "logger=none",
+        "train.iters=12",
+        "checkpoint.save_interval=6",
+        "checkpoint.resume=if_available",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=slurm_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    run_dir, deadline = sweep / "0_mlm", time.monotonic() + 180
+    try:
+        while not (run_dir / "metrics.jsonl").exists() or len((run_dir / "metrics.jsonl").read_text().splitlines()) < 3:
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+            time.sleep(0.1)
+        (job_id,) = [d.name for d in (sweep / ".submitit").iterdir() if d.name.isdigit()]
+        subprocess.run(["scancel", "--signal=USR2", job_id], env=slurm_env, check=True, timeout=30)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out[-3000:]
+
+    first = rundir.read_metrics(run_dir / "attempts" / "1")
+    stopped = first[-1]["iteration"]
+    assert (
+        3 <= stopped < 6
+        and json.loads((run_dir / "attempts" / "1" / "summary.json").read_text())["stopped_by"] == "SIGUSR2"
+    )
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"] == stopped and summary["resumed_own"] and "stopped_by" not in summary
+    # One record per iteration, and the state carried across the requeue: x_i = 0.9 x_(i-1) + 1 from x_0 = 1.
+    x, expected = 1.0, []
+    for _ in range(12):
+        x = 0.9 * x + 1.0
+        expected.append(x)
+    records = rundir.read_metrics(run_dir)
+    assert [r["iteration"] for r in records] == list(range(1, 13))
+    assert [r["lm loss"] for r in records] == expected
+    assert rundir.saved_iterations(str(run_dir / "checkpoints")) == sorted({stopped, 6, 12})
+    logs = "".join(p.read_text() for p in (sweep / ".submitit" / job_id).glob("*_log.*"))
+    assert "Requeued job" in logs and "SIGUSR2 received: checkpoint saved" in logs

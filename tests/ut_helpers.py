@@ -15,9 +15,9 @@ PRESETS = sorted(p.stem for p in (CONF / "model").glob("*.yaml"))
 LOSSES = [10.375, 10.25, 9.9921875, 9.75, 9.5]
 
 
-def write_run_dir(directory, backend, pair_id="p123", losses=LOSSES, complete=True, attention=""):
+def write_run_dir(directory, backend, pair_id="p123", losses=LOSSES, complete=True, attention="", grad_norms=None):
     """A run directory as a finished training job leaves it (run.json, metrics.jsonl, summary.json), written by
-    the real metrics sink."""
+    the real metrics sink. Grad norms are 2/iteration unless given."""
     from unified_train import rundir
     from unified_train.results import metrics
 
@@ -36,7 +36,8 @@ def write_run_dir(directory, backend, pair_id="p123", losses=LOSSES, complete=Tr
     )
     sink = metrics.MetricsSink(str(directory), backend=backend, tokens_per_iteration=16384, world_size=1, write=True)
     for it, loss in enumerate(losses, start=1):
-        sink.record_train(it, loss=loss, grad_norm=2.0 / it, lr=3e-4 * min(1, it) / it, seconds=0.1)
+        grad_norm = 2.0 / it if grad_norms is None else grad_norms[it - 1]
+        sink.record_train(it, loss=loss, grad_norm=grad_norm, lr=3e-4 * min(1, it) / it, seconds=0.1)
         if it == len(losses):
             sink.record_eval("valid", loss + 0.5)
     if complete:
@@ -160,3 +161,15 @@ def write_hf_tokenizer(path) -> Path:
     )
     PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<|endoftext|>").save_pretrained(path)
     return Path(path)
+
+
+def fake_gpu_env(tmp_path, mib: int = 81559, calls=None) -> dict:
+    """The environment of a command that finds one GPU on this CPU machine: an `nvidia-smi` stand-in on PATH that
+    answers the memory query (an H100's 81559 MiB; its arguments appended to `calls` when given). The GPU count is
+    read from the hardware (resources.hardware_gpus): no environment variable makes one up."""
+    bin_dir = Path(tmp_path) / "fake_gpu_bin"
+    bin_dir.mkdir(exist_ok=True)
+    smi = bin_dir / "nvidia-smi"
+    smi.write_text("#!/bin/sh\n" + (f'echo "$@" >> {calls}\n' if calls else "") + f"echo {mib}\n")
+    smi.chmod(0o755)
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}"}

@@ -37,6 +37,19 @@ def _hydra_main(cfg) -> None:
     app.run(cfg)
 
 
+def _stack_problems(points) -> list[str]:
+    """The stacks' own rules, once the cheap checks all pass (this imports the stacks the jobs then use)."""
+    from unified_train import app
+
+    problems = []
+    for point in points:
+        problem = app.stack_problem(point.cfg)
+        if problem:
+            point.errors = [problem]
+            problems.append((f"[{' '.join(point.overrides)}] " if len(points) > 1 else "") + problem)
+    return problems
+
+
 def main() -> None:
     # multistorageclient's Hydra plugin logs a traceback whenever its msc:// config source is unconfigured.
     logging.getLogger("multistorageclient.contrib.hydra").setLevel(logging.CRITICAL)
@@ -51,6 +64,8 @@ def main() -> None:
         from unified_train import validate
 
         points, errors = validate.validate(argv)
+        if not errors:
+            errors = _stack_problems(points)
         if dry_run:
             print(validate.dry_run_table(points))
         if errors:

@@ -6,13 +6,17 @@ from __future__ import annotations
 import os
 import sys
 
-from unified_train import resources, rundir
+from unified_train import resources, resume, rundir
 from unified_train.results.metrics import process_seconds
-from unified_train.runtime import env, ranks
+from unified_train.runtime import env, failures, ranks
 
 
 def run(cfg) -> None:
     task_started = process_seconds()
+    if cfg.mode == "numerics":  # one training iteration of this config, recorded; the identity is of what runs
+        from unified_train.modes import numerics
+
+        cfg = numerics.job_config(cfg)
     os.environ.update(env.process_env(cfg))  # before torch is imported: some settings are read at import
     ranks.adopt_slurm_ranks()  # before the world size is read: MLM reads RANK/WORLD_SIZE while parsing
     builds_only = cfg.mode in ("parity", "export")  # native configs, no run directory of Hydra's
@@ -27,22 +31,82 @@ def run(cfg) -> None:
 
         print(export.render(cfg, job))
         return
-    problem = rundir.check_run_dir(job.run_dir, rundir.output_dir_key(cfg, multirun=job.multirun))
+    problem = resume.guard(cfg, job.run_dir, rundir.output_dir_key(cfg, multirun=job.multirun))
     if problem:
         _refuse(problem)
+    if cfg.mode == "train" and resume.finished(cfg, job.run_dir):  # e.g. requeued after its last save
+        print(f"unified_train: {job.run_dir} already holds this run, trained to the end: nothing to do", flush=True)
+        return
     if cfg.mode == "preflight":
         from unified_train.modes import preflight
 
         return _finish(preflight.run(cfg, job), job)
     if not _cuda_available():
-        _refuse("no CUDA GPU is visible: training needs one (mode=parity and mode=export run on CPU)")
+        _refuse("no CUDA GPU is visible: training needs one (mode=parity and mode=export run on CPU)", job)
     from unified_train.runtime import job as training_job
 
-    training_job.run(cfg, job, task_started)
+    with failures.recorded(job):  # failure.json in the run directory, for the comparison (runtime/failures.py)
+        training_job.run(cfg, job, task_started)
 
 
-def _refuse(problem: str) -> None:
+STACK_NAMES = {"mlm": "Megatron-LM", "bridge": "Megatron-Bridge"}
+
+
+def stack_problem(cfg) -> str | None:
+    """The stack's own rules, for a config the up-front checks passed: the job's native config is built on the CPU
+    as the job will build it (MLM: its parse_args and validate_args; Bridge: its overrides and
+    ConfigContainer.validate), so a rule a new stack version adds is picked up, not re-typed. What the stack raises
+    becomes one line naming our key (tests/test_stack_checks.py)."""
+    import contextlib
+    import io
+
+    from unified_train import backends
+
+    if cfg.mode == "numerics":
+        from unified_train.modes import numerics
+
+        cfg = numerics.job_config(cfg)
+    job = rundir.identity(cfg, world_size=resources.world_size(cfg))
+    said = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(said), contextlib.redirect_stdout(io.StringIO()), env.job_environment(cfg):
+            backends.get(cfg.backend.name).native_config(cfg, job)
+    except BaseException as exc:  # noqa: BLE001 -- SystemExit too: MLM's argparse exits on a bad flag
+        return _refusal_line(cfg, exc, said.getvalue())
+    return None
+
+
+def _refusal_line(cfg, exc: BaseException, stderr: str) -> str:
+    import re
+    import traceback
+
+    from unified_train import mcore_fields
+
+    errors = [line.split("error: ", 1)[1] for line in stderr.splitlines() if "error: " in line]
+    message = errors[-1] if isinstance(exc, SystemExit) and errors else str(exc).strip()
+    if not message:  # a bare `assert`: its own source line says what it checks
+        frame = traceback.extract_tb(exc.__traceback__)[-1]
+        where = frame.filename.split("site-packages/")[-1]
+        message = f"{type(exc).__name__} at {where}:{frame.lineno}: {frame.line}"
+    message = " ".join(message.split())[:300]
+    words = {w.replace("-", "_") for w in re.findall(r"[A-Za-z_][A-Za-z0-9_-]*", message)}
+    extra = [e for e in cfg.backend.extra if any(w.replace("-", "_") in words for w in re.findall(r"[\w-]+", e))]
+    if extra or "unrecognized arguments" in message or "override" in message.lower():
+        keys = ["backend.extra"]
+    else:
+        keys = mcore_fields.unified_keys(cfg, sorted(words & set(mcore_fields.all_fields(cfg))))
+    stack = STACK_NAMES[cfg.backend.name]
+    fix = f"change {' or '.join(keys)}" if keys else "change the config"
+    return f"{', '.join(keys) or 'backend=' + cfg.backend.name}: {stack} refuses it: {message}; {fix}"
+
+
+def _refuse(problem: str, job: rundir.JobIdentity | None = None) -> None:
+    """Exit 2 with one line. A job of a multirun (given `job`) fails instead and the sweep goes on; its failure is
+    recorded for the comparison (tests/test_failures.py). Without `job` (its directory holds another run's output,
+    which is not ours to write into), the refusal stays an exit."""
     print(f"unified_train: {problem}", file=sys.stderr)
+    if job is not None and job.multirun:
+        failures.fail(job, problem, exit_code=2)
     sys.exit(2)
 
 
@@ -53,7 +117,7 @@ def _finish(status: int, job: rundir.JobIdentity) -> None:
         return
     if not job.multirun:
         sys.exit(status)
-    raise RuntimeError(f"job failed its check (status {status})")
+    failures.fail(job, f"job failed its check (status {status})", exit_code=status)
 
 
 def _sweep_id() -> str:

@@ -19,6 +19,7 @@ _POSITIVE = (
     "parallel.pp",
     "parallel.cp",
     "parallel.ep",
+    "parallel.etp",
     "parallel.dp",
     "parallel.vpp",
     "parallel.nnodes",
@@ -48,6 +49,7 @@ _POSITIVE = (
     "optim.adam_eps",
 )
 _NON_NEGATIVE = (
+    "checkpoint.load_iteration",
     "sched.lr_warmup_iters",
     "validation.eval_iters",
     "data.num_workers",
@@ -59,6 +61,7 @@ _NON_NEGATIVE = (
     "sched.lr_warmup_init",
     "model.moe_aux_loss_coeff",
     "model.rotary_base",
+    "compare.repeats",
 )
 _FRACTION = ("model.hidden_dropout", "model.attention_dropout", "optim.adam_beta1", "optim.adam_beta2")  # [0, 1)
 
@@ -69,7 +72,19 @@ def check(cfg) -> list[str]:
     errors = unknown_keys(cfg) + choices(cfg) + ranges(cfg)
     if errors:
         return errors
-    for concern in (topology, batch, position_table, schedule, determinism, data, tokenizer, kernels, resume):
+    for concern in (
+        topology,
+        batch,
+        position_table,
+        schedule,
+        precision,
+        determinism,
+        data,
+        tokenizer,
+        kernels,
+        resume,
+        numerics,
+    ):
         errors += concern(cfg)
     return errors
 
@@ -167,6 +182,12 @@ def topology(cfg) -> list[str]:
                 f"model.num_experts={m.num_experts} is not divisible by parallel.ep={p.ep}: "
                 f"choose parallel.ep from {_divisors(m.num_experts)}"
             )
+        experts_split = p.ep * (p.etp or p.tp)
+        if (resources.world_size(cfg) // p.pp) % experts_split:
+            errors.append(
+                f"parallel.ep*etp={experts_split} does not divide the {resources.world_size(cfg) // p.pp} ranks of a "
+                "pipeline stage: choose parallel.ep and parallel.etp whose product divides them"
+            )
         if not 0 <= m.moe_first_dense_layers < m.num_layers:
             errors.append(
                 f"model.moe_first_dense_layers={m.moe_first_dense_layers}: must be below "
@@ -174,6 +195,8 @@ def topology(cfg) -> list[str]:
             )
     elif p.ep > 1:
         errors.append(f"parallel.ep={p.ep} needs a mixture-of-experts model: set parallel.ep=1")
+    elif p.etp is not None:
+        errors.append(f"parallel.etp={p.etp} needs a mixture-of-experts model: leave parallel.etp unset")
     if p.cp > 1 and cfg.train.seq_length % (2 * p.cp):
         errors.append(f"train.seq_length={cfg.train.seq_length} is not divisible by 2*parallel.cp={2 * p.cp}")
     return errors
@@ -288,22 +311,86 @@ def kernels(cfg) -> list[str]:
     return []
 
 
+def precision(cfg) -> list[str]:
+    """bf16 gradients are reduced in fp32 on both stacks (MLM turns it on by itself, megatron/training/arguments.py):
+    a unified `false` would be ignored by both."""
+    if cfg.precision.dtype == "bf16" and not cfg.precision.grad_reduce_in_fp32:
+        return [
+            "precision.grad_reduce_in_fp32=false: both stacks reduce bf16 gradients in fp32 (Megatron-LM requires "
+            "it); leave it true (false applies to precision.dtype=fp16)"
+        ]
+    return []
+
+
 def resume(cfg) -> list[str]:
-    """Both stacks start from scratch, with a warning only, when `load` holds no checkpoint: a resume that was
-    asked for but would not happen is refused."""
-    load = cfg.checkpoint.load
+    """Both stacks start from scratch, with a warning only, when `load` holds no checkpoint, and fail late on an
+    iteration that is not there: a resume that was asked for but would not happen is refused."""
+    load, asked = cfg.checkpoint.load, cfg.checkpoint.load_iteration
     if load is None:
-        return []
+        return (
+            ["checkpoint.load_iteration is set but checkpoint.load is not: give checkpoint.load=DIR"] if asked else []
+        )
     if not os.path.isdir(load):
         return [f"checkpoint.load={load}: no such directory"]
-    if rundir.holds_checkpoint(load):
+    checkpoints, in_path = rundir.split_checkpoint_path(load)
+    if in_path is not None:
+        if asked is not None and asked != in_path:
+            return [f"checkpoint.load_iteration={asked} but checkpoint.load names iteration {in_path}: give one"]
         return []
-    hint = os.path.join(load, rundir.CHECKPOINTS)
-    fix = f"checkpoint.load={hint}" if rundir.holds_checkpoint(hint) else "a run's checkpoints/ directory"
-    return [
-        f"checkpoint.load={load} holds no checkpoint (no {rundir.CHECKPOINT_TRACKER}), so neither stack would "
-        f"resume: give {fix}"
-    ]
+    if not rundir.holds_checkpoint(load):
+        hint = os.path.join(load, rundir.CHECKPOINTS)
+        fix = f"checkpoint.load={hint}" if rundir.holds_checkpoint(hint) else "a run's checkpoints/ directory"
+        return [
+            f"checkpoint.load={load} holds no checkpoint (no {rundir.CHECKPOINT_TRACKER}), so neither stack would "
+            f"resume: give {fix}"
+        ]
+    saved = rundir.saved_iterations(checkpoints)
+    if asked is not None and asked not in saved:
+        return [
+            f"checkpoint.load_iteration={asked}: {load} holds iterations {','.join(map(str, saved)) or 'none'}: "
+            "give one of them, or leave it unset for the latest"
+        ]
+    return cross_stack(cfg, checkpoints)
+
+
+def cross_stack(cfg, checkpoints: str) -> list[str]:
+    """A checkpoint of one stack loaded by the other (measured exact at tp=pp=ep=1, docs/measurements.md). Read from
+    the stacks' code, not run (one GPU): Bridge stores no MLM `args`, so MLM takes the checkpoint for tp=pp=1 and
+    refuses other splits with the distributed optimizer (megatron/training/checkpointing.py, the (TP, PP) mismatch
+    RuntimeError); with ep > 1 the two stacks shard the RNG state differently."""
+    writer, p = rundir.checkpoint_writer(checkpoints), cfg.parallel
+    if writer == cfg.backend.name:
+        return []
+    if writer == "bridge" and (p.tp > 1 or p.pp > 1):
+        return [
+            f"checkpoint.load={cfg.checkpoint.load} was written by Megatron-Bridge, whose checkpoints carry no "
+            "Megatron-LM args: backend=mlm resumes them only at parallel.tp=1 parallel.pp=1; resume with backend=bridge"
+        ]
+    if p.ep > 1:
+        return [
+            f"checkpoint.load={cfg.checkpoint.load} was written by the other stack, which shards the RNG state "
+            f"differently with parallel.ep={p.ep}: resume with backend={writer}"
+        ]
+    return []
+
+
+def numerics(cfg) -> list[str]:
+    """mode=numerics records the first iteration of a run from scratch and saves no checkpoint (modes/numerics.py):
+    a loaded checkpoint would already be past that iteration, and a restart has nothing to continue."""
+    if cfg.mode != "numerics":
+        return []
+    errors = []
+    if cfg.checkpoint.load:
+        errors.append(
+            f"checkpoint.load={cfg.checkpoint.load}: mode=numerics records iteration 1 of a run from scratch: "
+            "unset checkpoint.load"
+        )
+    if cfg.checkpoint.resume != "never":
+        errors.append(
+            f"checkpoint.resume={cfg.checkpoint.resume}: mode=numerics saves no checkpoint to continue from: set "
+            "checkpoint.resume=never"
+        )
+    return errors
 
 
 def _divisors(n: int) -> str:

@@ -14,7 +14,16 @@ The traps:
 2. The wheel ships the prebuilt `helpers_cpp` extension but not the Makefile `compile_helpers()` runs, and a
    failed `make` calls `sys.exit(1)` on rank 0 of both loops. When the prebuilt extension imports we make
    `compile_helpers` a no-op; otherwise the original runs (and compiles, from a source checkout).
-3. `megatron.energon` is imported at module level by Bridge's data builders but used only by multimodal
+3. megatron-core 0.19.2's `DistributedOptimizer` without apex or TE (torch's Adam) cannot resume
+   (`megatron/core/optimizer/distrib_optimizer.py`): `state_dict()` (line 839, `assert len(steps) == 1`) reads
+   Adam's `step` from a per-parameter state that does not exist before the first step, which is exactly when a
+   load builds its state dict; and `load_state_dict()` leaves Adam's per-parameter step wrong: one tensor shared
+   by every parameter (line 1032, `s["step"] = step`; torch's Adam adds 1 to it once per parameter) and then
+   overwritten by the load template's step (line 1225, the dp_reshardable parameter-state copy), so a resumed
+   run's bias correction restarts from step 0. Patched only for the affected versions and only when the module
+   fell back to torch's Adam (`HAVE_APEX_OR_TE` False); tests/test_resume_optimizer.py reproduces both on a gloo
+   group.
+4. `megatron.energon` is imported at module level by Bridge's data builders but used only by multimodal
    recipes. Where it is not installed (the GPU node's wheelhouse omits its large dependency chain) an
    empty placeholder package is provided; touching anything in it raises ImportError.
 """
@@ -31,6 +40,9 @@ import types
 _TE_IMPORT = "import transformer_engine.pytorch as te"
 _LORA_MODULE = "megatron.bridge.peft.lora_layers"
 _DATASET_UTILS = "megatron.core.datasets.utils"
+_DISTRIB_OPTIMIZER = "megatron.core.optimizer.distrib_optimizer"
+# Checked against each release's distrib_optimizer.py; a new release is added only once it is read.
+ADAM_STEP_BUG_VERSIONS = ("0.19.2",)
 
 
 def _has_module(name: str) -> bool:
@@ -130,7 +142,7 @@ class AbsentFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 class CompatFinder(importlib.abc.MetaPathFinder):
     def find_spec(self, fullname, path=None, target=None):
-        if fullname not in (_LORA_MODULE, _DATASET_UTILS):
+        if fullname not in (_LORA_MODULE, _DATASET_UTILS, _DISTRIB_OPTIMIZER):
             return None
         spec = importlib.machinery.PathFinder.find_spec(fullname, path)
         if spec is None or spec.origin is None:
@@ -139,6 +151,8 @@ class CompatFinder(importlib.abc.MetaPathFinder):
             if _has_module("transformer_engine"):
                 return None
             spec.loader = _TEFreeLoraLoader(fullname, spec.origin)
+        elif fullname == _DISTRIB_OPTIMIZER:
+            spec.loader = _AfterImport(spec.loader, _patch_adam_step)
         else:
             spec.loader = _AfterImport(spec.loader, _patch_compile_helpers)
         return spec
@@ -159,6 +173,58 @@ def _patch_compile_helpers(utils_module) -> None:
             original()
 
     utils_module.compile_helpers = compile_helpers
+
+
+def _megatron_core_version() -> str | None:
+    # Not megatron.core.package_info: its __version__ appends the git hash of the current directory.
+    import importlib.metadata
+
+    try:
+        return importlib.metadata.version("megatron-core")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _patch_adam_step(module) -> None:
+    """Trap 3: resume with torch's Adam under megatron-core's DistributedOptimizer."""
+    if module.HAVE_APEX_OR_TE or _megatron_core_version() not in ADAM_STEP_BUG_VERSIONS:
+        return
+    import functools
+
+    import torch
+
+    cls = module.DistributedOptimizer
+    original_state_dict, original_load_state_dict = cls.state_dict, cls.load_state_dict
+
+    @functools.wraps(original_state_dict)
+    def state_dict(self):
+        adam = self.optimizer
+        if adam.state:
+            return original_state_dict(self)
+        # No step taken: step 0 for the state-dict template that a load fills in (the checkpoint's step replaces
+        # it). Held in a throwaway state only for the call, so the optimizer stays unstepped.
+        params = [p for group in adam.param_groups for p in group["params"]]
+        try:
+            for p in params:
+                adam.state[p] = {"step": torch.tensor(0.0)}
+            return original_state_dict(self)
+        finally:
+            adam.state.clear()
+
+    @functools.wraps(original_load_state_dict)
+    def load_state_dict(self, state_dict):
+        original_load_state_dict(self, state_dict)
+        if self.ddp_config.use_megatron_fsdp:
+            return
+        # The checkpoint's step lives in its param groups. Upstream sets it as one tensor shared by every parameter
+        # (torch's Adam would add 1 to it once per parameter at each step), and the dp_reshardable parameter-state
+        # load then copies over it the load template's non-persistent step (0). One fresh tensor per parameter, as
+        # torch's Adam creates them.
+        (step,) = {group["step"] for group in state_dict["optimizer"]["param_groups"]}
+        for param_state in self.optimizer.state.values():
+            param_state["step"] = torch.tensor(float(step), dtype=torch.float32)
+
+    cls.state_dict, cls.load_state_dict = state_dict, load_state_dict
 
 
 def install() -> None:

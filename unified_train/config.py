@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
 from omegaconf import MISSING
 
 BACKEND_NAMES = ("mlm", "bridge")
-MODES = ("train", "parity", "export", "preflight")
+MODES = ("train", "parity", "export", "preflight", "numerics")
+# Modes that run a training job (a GPU, a run directory): numerics is one recorded iteration (modes/numerics.py).
+TRAINING_MODES = ("train", "numerics")
 
 
 def one_of(*allowed: str, default: str | None = None):
@@ -120,6 +123,7 @@ class ParallelConfig:
     pp: int = 1
     cp: int = 1
     ep: int = 1  # expert parallel (MoE)
+    etp: Optional[int] = None  # expert tensor parallel (MoE); None: parallel.tp, megatron-core's default
     dp: Optional[int] = None  # None: every visible GPU not used by tp*pp*cp
     vpp: Optional[int] = None  # virtual pipeline stages per rank
     sequence_parallel: bool = False
@@ -181,12 +185,23 @@ class PrecisionConfig:
     grad_reduce_in_fp32: bool = True
 
 
+RESUME_POLICIES = ("never", "if_available", "always")
+
+
 @dataclass
 class CheckpointConfig:
     save: bool = True  # into <run dir>/checkpoints
     save_interval: Optional[int] = None  # None: only at the end of training
-    format: str = "torch_dist"
-    load: Optional[str] = None  # resuming is explicit: a checkpoint directory, never picked up implicitly
+    format: str = one_of("torch_dist", "torch_dcp", "torch", "fsdp_dtensor")  # MLM's --ckpt-format choices
+    load: Optional[str] = None  # a checkpoints/ directory (or one iter_* directory of it) to start from
+    load_iteration: Optional[int] = None  # None: the latest iteration in `load`
+    # never: only `load`, and a run directory holding a run is refused. if_available: a job started again in its own
+    # run directory (a Slurm requeue) continues from its own latest checkpoint, if the same config wrote it; else
+    # from `load`, else from scratch. always: as if_available, but starting from scratch is refused.
+    resume: str = one_of(*RESUME_POLICIES)
+    # On this signal both stacks save a checkpoint at the end of the iteration and stop (then, in a submitit job,
+    # submitit requeues it). auto: submitit's requeue signal in a submitit job, else SIGTERM. none: no handler.
+    exit_signal: str = one_of("auto", "SIGTERM", "SIGUSR1", "SIGUSR2", "SIGINT", "none")
 
 
 @dataclass
@@ -228,6 +243,15 @@ class LaunchConfig:
 
 
 @dataclass
+class CompareConfig:
+    """What the comparison after a multirun measures. Not part of the pair id (rundir.pair_id leaves it out)."""
+
+    # The noise floor: each training job trains this many more times with the identical config after its main run,
+    # into <run dir>/repeats/<k>/ (runtime/repeats.py); compare reads each backend's run-to-run spread from them.
+    repeats: int = 0
+
+
+@dataclass
 class UnifiedConfig:
     backend: BackendConfig = field(default_factory=BackendConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -244,6 +268,7 @@ class UnifiedConfig:
     rng: RngConfig = field(default_factory=RngConfig)
     determinism: DeterminismConfig = field(default_factory=DeterminismConfig)
     launch: LaunchConfig = field(default_factory=LaunchConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     mode: str = one_of(*MODES)
     run_dir: Optional[str] = None  # None: the Hydra job directory
 
@@ -354,3 +379,19 @@ def attention(cfg) -> str:
     if transformer_impl(cfg) == "transformer_engine":
         return "te"
     return "local" if our_attention_blockers(cfg) else "flex"
+
+
+# submitit's own: the signal it requeues a job on (timeout or preemption), and a variable every submitit job has.
+SUBMITIT_SIGNAL_VARIABLE, SUBMITIT_JOB_VARIABLE = "SUBMITIT_PREEMPT_SIGNAL", "SUBMITIT_EXECUTOR"
+
+
+def exit_signal(cfg) -> str | None:
+    """The signal name (e.g. "SIGUSR2") on which the stacks save and stop, or None (checkpoint.exit_signal)."""
+    choice = cfg.checkpoint.exit_signal
+    if choice == "none" or not cfg.checkpoint.save:
+        return None
+    if choice != "auto":
+        return choice
+    if os.environ.get(SUBMITIT_JOB_VARIABLE):
+        return "SIG" + os.environ.get(SUBMITIT_SIGNAL_VARIABLE, "USR2")
+    return "SIGTERM"

@@ -8,8 +8,10 @@ its stack (flags for MLM, attributes for Bridge). Values are plain Python (names
 
 from __future__ import annotations
 
+import signal
+
 from unified_train import config as C
-from unified_train import datafiles, rundir
+from unified_train import datafiles, resume, rundir
 
 
 def moe_layer_pattern(cfg) -> list[int] | None:
@@ -62,6 +64,8 @@ def transformer(cfg) -> dict:
         pipeline_model_parallel_size=p.pp,
         context_parallel_size=p.cp,
         expert_model_parallel_size=p.ep,
+        # Stated for both: MLM leaves it to megatron-core (= tp), Bridge's provider defaults to 1.
+        expert_tensor_parallel_size=p.etp or p.tp,
         virtual_pipeline_model_parallel_size=p.vpp,
         sequence_parallel=p.sequence_parallel,
         # The interleaved (virtual-pipeline) schedule overlaps its P2P transfers; MLM derives both from vpp.
@@ -84,7 +88,7 @@ def transformer(cfg) -> dict:
         inference_sampling_seed=cfg.rng.seed,  # MLM derives it from --seed
         # No weight-remat sharding: each weight is split across exactly the TP ranks (MLM resolves these itself).
         tensor_parallel_num_weight_shards=p.tp,
-        expert_tensor_parallel_num_weight_shards=p.tp,
+        expert_tensor_parallel_num_weight_shards=p.etp or p.tp,
         **PINNED_TRANSFORMER,
     )
     if m.num_experts is not None:
@@ -135,7 +139,15 @@ def gpt(cfg) -> dict:
 
 def training(cfg) -> dict:
     t = cfg.train
-    return dict(train_iters=t.iters, micro_batch_size=t.micro_batch_size, global_batch_size=t.global_batch_size)
+    exit_signal = C.exit_signal(cfg)
+    return dict(
+        train_iters=t.iters,
+        micro_batch_size=t.micro_batch_size,
+        global_batch_size=t.global_batch_size,
+        # Save at the end of the iteration and stop, on the signal a scheduler sends before it stops the job.
+        exit_signal_handler=exit_signal is not None,
+        exit_signal=signal.Signals[exit_signal or "SIGTERM"],
+    )
 
 
 def validation(cfg) -> dict:
@@ -179,7 +191,8 @@ def ddp(cfg) -> dict:
         grad_reduce_in_fp32=cfg.precision.grad_reduce_in_fp32,
         overlap_grad_reduce=False,
         overlap_param_gather=False,
-        check_for_nan_in_grad=True,
+        # With fp16's dynamic loss scaling a NaN gradient is the scaler's signal, not an error (MLM's rule, for both).
+        check_for_nan_in_grad=cfg.precision.dtype != "fp16",
         align_param_gather=cfg.parallel.vpp is not None,  # as MLM derives it for the interleaved schedule
         **PINNED_DDP,
     )
@@ -236,12 +249,82 @@ def logger(cfg, job: rundir.JobIdentity) -> dict:
 
 
 def checkpoint(cfg, job: rundir.JobIdentity) -> dict:
-    """CheckpointConfig fields: saved into the run directory (at the end unless an interval is set), loaded only
-    when checkpoint.load names a checkpoint."""
+    """CheckpointConfig fields: saved into the run directory (at the end unless an interval is set), loaded from
+    where unified_train.resume says the job starts (its own checkpoints on a restart, else checkpoint.load)."""
     save = job.subdir(rundir.CHECKPOINTS) if cfg.checkpoint.save else None
+    start = resume.start(cfg, job.run_dir)
     return dict(
         save=save,
-        save_interval=cfg.checkpoint.save_interval or cfg.train.iters,
+        save_interval=(cfg.checkpoint.save_interval or cfg.train.iters) if save else None,
         ckpt_format=cfg.checkpoint.format,
-        load=cfg.checkpoint.load,
+        load=start.checkpoints,
+        ckpt_step=start.iteration,
     )
+
+
+# --- back from megatron-core field names to unified keys ----------------------------------------------------------
+
+_BY_CONFIG = (transformer, gpt, training, validation, optimizer, scheduler, ddp, dataset, tokenizer, rng)
+_BY_JOB = (logger, checkpoint)
+
+
+def all_fields(cfg) -> dict[str, object]:
+    """Every megatron-core field the unified config sets, with its value, as one flat dict."""
+    job = rundir.JobIdentity("mlm", cfg.model.name, 1, 1, 1, "", run_dir="/unified_train/keys")
+    out: dict[str, object] = {}
+    for fields in _BY_CONFIG:
+        out.update(fields(cfg))
+    for fields in _BY_JOB:
+        out.update(fields(cfg, job))
+    return out
+
+
+def unified_keys(cfg, megatron_fields: list[str]) -> list[str]:
+    """The unified keys whose value reaches any of `megatron_fields`, found by changing each key in turn and
+    watching the translation above: when a stack refuses a field, the user is told which of *our* keys to change,
+    with no table to keep in step with the stacks (tests/test_stack_checks.py)."""
+    from omegaconf import OmegaConf, open_dict
+
+    wanted = set(megatron_fields)
+    base = all_fields(cfg)
+    keys = []
+    for key, value in _leaves(OmegaConf.to_container(cfg, resolve=True)):
+        changed = _another(cfg, key, value)
+        if changed is None:
+            continue
+        trial = cfg.copy()
+        with open_dict(trial):
+            OmegaConf.update(trial, key, changed, merge=False)
+        try:
+            after = all_fields(trial)
+        except Exception:  # noqa: BLE001 -- a change the derivations cannot take says nothing about this field
+            continue
+        if any(base.get(f) != after.get(f) for f in wanted):
+            keys.append(key)
+    return keys
+
+
+def _leaves(data, prefix: str = ""):
+    for k, v in data.items():
+        if isinstance(v, dict):
+            yield from _leaves(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _another(cfg, key: str, value):
+    """A different valid-looking value for `key` (None where no such value can be guessed)."""
+    allowed = C.choices().get(key)
+    if allowed:
+        return next((a for a in allowed if a != value), None)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value * 2 + 1
+    if isinstance(value, float):
+        return value * 0.5 + 1e-3
+    if isinstance(value, str):
+        return value + "_x"
+    if value is None:  # mostly Optional[int] sizes and steps derived when unset
+        return 2
+    return None

@@ -4,19 +4,38 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 
 from unified_train import config as C
 
 
+def hardware_gpus() -> int:
+    """NVIDIA GPUs this host has, from the driver, never from environment variables: the driver's
+    /proc/driver/nvidia/gpus (a container sees its own GPUs there), else the /dev/nvidia<N> device nodes, else
+    nvidia-smi's list (one line per GPU; none where it is missing or finds no driver)."""
+    for directory, pattern in (("/proc/driver/nvidia/gpus", None), ("/dev", re.compile(r"nvidia\d+"))):
+        try:
+            found = [n for n in os.listdir(directory) if pattern is None or pattern.fullmatch(n)]
+        except OSError:
+            found = []
+        if found:
+            return len(found)
+    return len(_smi_gpus_mib() or [])
+
+
 def visible_gpus() -> int:
-    """GPUs this process may use, without importing torch."""
+    """GPUs this process may use, without importing torch: the host's, narrowed (never widened) by
+    CUDA_VISIBLE_DEVICES."""
+    gpus = hardware_gpus()
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
-        return len([d for d in env.split(",") if d.strip() and d.strip() != "-1"])
-    try:
-        return len(os.listdir("/proc/driver/nvidia/gpus"))
-    except OSError:
-        return 0
+        gpus = min(gpus, len([d for d in env.split(",") if d.strip() and d.strip() != "-1"]))
+    return gpus
+
+
+def under_launcher() -> bool:
+    """A launcher started this process as one rank of its job (torchrun; an srun step of several tasks)."""
+    return "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_STEP_NUM_TASKS", "1")) > 1
 
 
 def model_parallel_size(cfg) -> int:
@@ -77,12 +96,10 @@ def memory_gib_per_gpu(cfg) -> float:
 
 @functools.cache
 def query_gpu_memory():
-    """Start nvidia-smi for the first visible GPU's memory, once per process and in the background: bringing the
-    driver up can take it seconds, which then overlap with composing the jobs. None without a GPU."""
+    """Start nvidia-smi for every GPU's memory, once per process and in the background: bringing the driver up can
+    take it seconds, which then overlap with composing the jobs. None where there is no nvidia-smi."""
     import subprocess
 
-    if not visible_gpus():
-        return None
     try:
         return subprocess.Popen(
             ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
@@ -95,8 +112,8 @@ def query_gpu_memory():
 
 
 @functools.cache
-def gpu_memory_gib() -> float | None:
-    """Memory of the first visible GPU in GiB, from nvidia-smi (no torch), or None when it cannot be read."""
+def _smi_gpus_mib() -> list[float] | None:
+    """nvidia-smi's answer, one memory size (MiB) per GPU, or None when it cannot be read."""
     import subprocess
 
     proc = query_gpu_memory()
@@ -104,20 +121,44 @@ def gpu_memory_gib() -> float | None:
         return None
     try:
         out, _ = proc.communicate(timeout=10)
-        return float(out.split()[0]) / 1024 if proc.returncode == 0 and out.strip() else None
+        return [float(line) for line in out.split()] if proc.returncode == 0 else None
     except (ValueError, subprocess.TimeoutExpired):
         proc.kill()
         return None
 
 
+def gpu_memory_gib() -> float | None:
+    """Memory of the first GPU in GiB, from nvidia-smi (no torch), or None when it cannot be read."""
+    sizes = _smi_gpus_mib()
+    return sizes[0] / 1024 if sizes else None
+
+
 def check(cfg) -> list[str]:
-    """For a training job started here: enough GPUs, and weights + optimizer state that fit them."""
-    if cfg.mode != "train" or "WORLD_SIZE" in os.environ:  # under torchrun/Slurm the launcher sized the job
+    """For a training job that runs on this host: GPUs the hardware has (whatever the environment or
+    parallel.gpus_per_node say), enough of them, and weights + optimizer state that fit them. Under
+    hydra/launcher=slurm the job runs on other hosts: slurm.check instead."""
+    if cfg.mode not in C.TRAINING_MODES:
         return []
-    gpus = (cfg.parallel.gpus_per_node or visible_gpus()) * cfg.parallel.nnodes
-    need = world_size(cfg)
-    if gpus == 0:
-        return [f"no GPU is visible: training needs {need} (mode=parity and mode=export run on the CPU)"]
+    p, here, need = cfg.parallel, visible_gpus(), world_size(cfg)
+    if here == 0:
+        return [
+            f"mode={cfg.mode}: no GPU is visible: training needs {need} and this host's NVIDIA driver reports none "
+            "(whatever CUDA_VISIBLE_DEVICES, WORLD_SIZE or parallel.gpus_per_node say): run it on a GPU host; "
+            "mode=parity, mode=export and mode=preflight run on the CPU"
+        ]
+    if under_launcher():  # torchrun or srun sized the job
+        return []
+    if p.nnodes > 1:
+        return [
+            f"parallel.nnodes={p.nnodes}: a job of several nodes needs one launcher per node: use "
+            "hydra/launcher=slurm, or torchrun on every node"
+        ]
+    if p.gpus_per_node is not None and p.gpus_per_node > here:
+        return [
+            f"parallel.gpus_per_node={p.gpus_per_node} but this host has {here} GPU(s) visible: set "
+            f"parallel.gpus_per_node={here} or leave it unset"
+        ]
+    gpus = p.gpus_per_node or here
     if need > gpus:
         return [f"parallel.tp*pp*cp*dp = {need} GPUs but {gpus} are visible: lower the parallel sizes"]
     total = gpu_memory_gib()

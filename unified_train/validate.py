@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 from omegaconf import OmegaConf, open_dict
 
-from unified_train import checks, resources, rundir, slurm
+from unified_train import checks, resources, resume, slurm
 from unified_train.compose import compose
 
 
@@ -47,9 +48,16 @@ def sweep_choices(overrides: list[str], sweeper_params: dict) -> list[list[str]]
 
 def _one_line(exc: Exception) -> str:
     """Hydra/OmegaConf errors, reduced to one actionable line."""
-    from hydra.errors import MissingConfigException
+    from hydra.errors import MissingConfigException, OverrideParseException
     from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, ValidationError
 
+    if isinstance(exc, OverrideParseException):  # the command line's grammar: name the override, not the parser
+        lines = [line for line in exc.message.splitlines() if line.strip() and not line.startswith(("See ", "Error "))]
+        why = lines[0].strip() if lines else "not Hydra's override grammar"
+        return (
+            f"{exc.override}: cannot be parsed ({why}): quote a value or list element that holds '=', ',', spaces "
+            """or brackets, e.g. 'backend.extra=["model.seq_length=4096"]'"""
+        )
     while exc.__cause__ is not None and not isinstance(exc, (ConfigKeyError, ValidationError)):
         if isinstance(exc, MissingConfigException):
             break
@@ -65,8 +73,10 @@ def _one_line(exc: Exception) -> str:
         return checks.unknown_line(full_key or text)
     if isinstance(exc, ValidationError):
         return f"{full_key}: {text.split('full_key')[0].strip()}; give a value of the declared type"
-    if isinstance(exc, MissingMandatoryValue):
-        return f"{full_key}: required but not set; give {full_key}=..."
+    missing = re.search(r"Missing mandatory value: ?(\S+)", str(exc))  # also inside an interpolation's error
+    if isinstance(exc, MissingMandatoryValue) or missing:
+        key = missing.group(1) if missing else full_key
+        return f"{key}: required but not set; give {key}=..."
     return text
 
 
@@ -141,8 +151,28 @@ def _output_dir_problems(hcfg, multirun: bool) -> list[str]:
                 f"process: give {key}=DIR (the same on every rank)"
             )
         ]
-    problems = [rundir.check_run_dir(d, k, started=several) for k, d in dirs.items()]
+    unwritable = [p for p in (unwritable_dir(d, k) for k, d in dirs.items()) if p]
+    if unwritable:
+        return unwritable
+    problems = [resume.guard(hcfg, d, k, started=several) for k, d in dirs.items()]
     return [p for p in problems if p]
+
+
+def unwritable_dir(path: str, key: str) -> str | None:
+    """An output directory that could not be created or written (else a PermissionError or NotADirectoryError
+    traceback once Hydra starts): judged at the nearest part of the path that exists, where it would be made.
+    os.access also answers a read-only file system for root, who passes every permission check."""
+    path = os.path.abspath(path)
+    existing = path
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        why = f"{existing} is a file, not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        why = f"{existing} is not writable"
+    else:
+        return None
+    return f"{key}={path}: cannot be created or written, {why}: choose a writable {key}"
 
 
 def dry_run_table(points: list[Point]) -> str:

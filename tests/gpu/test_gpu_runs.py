@@ -10,141 +10,69 @@ otherwise it picks reduction kernels by timing them, and one half's iteration-1 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from gpu_helpers import (
+    GOLDEN_LOSSES,
+    QUIET,
+    UPSTREAM_LOSSES,
+    UPSTREAM_RTOL,
+    assert_bitwise,
+    job_dirs,
+    pair,
+    publish,
+    read_metrics,
+    run_unified,
+    series,
+)
 
 from unified_train.results import compare
 
 pytestmark = pytest.mark.gpu
-
-REPO = Path(__file__).resolve().parents[2]
-# Per-iteration train losses of the hand-aligned upstream pair on an H100 (shared/megatron-notes.md), as printed
-# to 7 significant digits by the stacks' logs. Upstream's scripts leave inductor choosing reduction kernels by
-# timing; ours choose them deterministically, so from iteration 6 the trajectories differ in the 7th digit
-# (at most 1.6e-6 relative, measured on an H200).
-UPSTREAM_LOSSES = [10.41997, 10.41821, 10.27486, 10.16401, 10.05250, 10.01020, 9.882606, 9.795137, 9.789290, 9.756370]
-UPSTREAM_RTOL = 1e-5
-# The default pair's losses, bit for bit, per GPU model (inductor's deterministic choice depends on the device).
-# H200: torch 2.11.0+cu130, megatron-core 0.19.2, megatron-bridge 0.6.2; both backends, in one process and apart.
-GOLDEN_LOSSES = {
-    "NVIDIA H200": [
-        10.419971466064453,
-        10.418210983276367,
-        10.274856567382812,
-        10.16401195526123,
-        10.052499771118164,
-        10.01019287109375,
-        9.882621765136719,
-        9.795151710510254,
-        9.78929615020752,
-        9.756372451782227,
-    ],
-}
-QUIET = ["logger=none", "checkpoint=none"]
-
-
-def _run(args: list[str], log: Path, launcher: tuple[str, ...] = ("-m",)) -> None:
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("WANDB_API_KEY", None)  # W&B stays offline: the node has no network
-    # The CPU suite disables torch.compile for speed; a real run must not inherit that: megatron-core's fused
-    # kernels (jit_fuser) are compiled, and eager versions round differently.
-    env.pop("TORCHDYNAMO_DISABLE", None)
-    with open(log, "w") as f:
-        proc = subprocess.run(
-            [sys.executable, *launcher, "unified_train", *args], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT
-        )
-    assert proc.returncode == 0, f"{' '.join(args)} failed; see {log}:\n" + log.read_text()[-3000:]
-
-
-def _metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def _job_dirs(sweep: Path) -> dict[str, Path]:
-    dirs = {}
-    for run_json in sweep.rglob("run.json"):
-        dirs[json.loads(run_json.read_text())["backend"]] = run_json.parent
-    return dirs
-
-
-def _series(metrics, key):
-    return [m[key] for m in metrics]
-
-
-def _assert_bitwise(a: list[dict], b: list[dict]) -> None:
-    assert len(a) == len(b) > 0
-    for key in compare.EXACT_KEYS:
-        assert _series(a, key) == _series(b, key), f"{key} differs: {_series(a, key)} vs {_series(b, key)}"
-
-
-def _pair(
-    tmp_path: Path, name: str, *overrides: str, quiet: bool = True, order: str = "mlm,bridge"
-) -> dict[str, list[dict]]:
-    sweep = tmp_path / name
-    _run(
-        ["-m", f"backend={order}", f"hydra.sweep.dir={sweep}", *(QUIET if quiet else []), *overrides],
-        tmp_path / f"{name}.log",
-    )
-    runs = {b: _metrics(d) for b, d in _job_dirs(sweep).items()}
-    assert set(runs) == {"mlm", "bridge"}
-    report = (sweep / "comparison.md").read_text()
-    print(report)
-    _publish(name, report)
-    return runs
-
-
-def _publish(name: str, text: str) -> None:
-    out = os.environ.get("UNIFIED_TRAIN_GPU_REPORT")
-    if out:
-        with open(out, "a") as f:
-            f.write(f"\n\n### {name}\n\n{text}\n")
 
 
 @pytest.fixture(scope="module")
 def default_sweep(tmp_path_factory) -> Path:
     """The user's command, `-m backend=mlm,bridge`, with every default: W&B (offline here) and checkpoints on."""
     root = tmp_path_factory.mktemp("pair")
-    _pair(root, "default_pair", quiet=False)
+    pair(root, "default_pair", quiet=False)
     return root / "default_pair"
 
 
 @pytest.fixture(scope="module")
 def default_pair(default_sweep) -> dict[str, list[dict]]:
-    return {b: _metrics(d) for b, d in _job_dirs(default_sweep).items()}
+    return {b: read_metrics(d) for b, d in job_dirs(default_sweep).items()}
 
 
 def _assert_default_trajectory(metrics: list[dict]) -> None:
     """Upstream's losses to within UPSTREAM_RTOL, and this GPU model's golden losses bit for bit."""
     import torch
 
-    losses = _series(metrics, "lm loss")
+    losses = series(metrics, "lm loss")
     assert losses == pytest.approx(UPSTREAM_LOSSES, rel=UPSTREAM_RTOL), losses
     golden = GOLDEN_LOSSES.get(torch.cuda.get_device_name())
     assert golden is None or losses == golden, f"{losses} vs the {torch.cuda.get_device_name()} golden {golden}"
 
 
 def test_default_pair_is_bitwise_and_matches_upstream(default_pair):
-    _assert_bitwise(default_pair["mlm"], default_pair["bridge"])
+    assert_bitwise(default_pair["mlm"], default_pair["bridge"])
     _assert_default_trajectory(default_pair["mlm"])
 
 
 def test_inprocess_pair_equals_separate_processes(default_pair, tmp_path):
     for backend in ("mlm", "bridge"):
         run_dir = tmp_path / backend
-        _run([f"backend={backend}", f"hydra.run.dir={run_dir}", *QUIET], tmp_path / f"{backend}.log")
-        _assert_bitwise(_metrics(run_dir), default_pair[backend])
+        run_unified([f"backend={backend}", f"hydra.run.dir={run_dir}", *QUIET], tmp_path / f"{backend}.log")
+        assert_bitwise(read_metrics(run_dir), default_pair[backend])
 
 
 def test_bridge_first_in_one_process_changes_nothing(default_pair, tmp_path):
     """A sweep runs MLM after Bridge in one process too (`backend=mlm,bridge rng.seed=1,2`): what Bridge leaves
     behind must not reach MLM's numerics either."""
-    runs = _pair(tmp_path, "bridge_first", order="bridge,mlm")
+    runs = pair(tmp_path, "bridge_first", order="bridge,mlm")
     for backend in ("mlm", "bridge"):
-        _assert_bitwise(runs[backend], default_pair[backend])
+        assert_bitwise(runs[backend], default_pair[backend])
 
 
 def test_both_stacks_log_the_pair_to_wandb(default_sweep, default_pair):
@@ -152,62 +80,62 @@ def test_both_stacks_log_the_pair_to_wandb(default_sweep, default_pair):
     from unified_train.results import wandb_runs
 
     lines = []
-    for backend, job_dir in _job_dirs(default_sweep).items():
+    for backend, job_dir in job_dirs(default_sweep).items():
         info = json.loads((job_dir / "run.json").read_text())
         run = wandb_runs.read_offline_run(str(job_dir / "wandb"))
         assert (run["group"], run["job_type"]) == (info["pair_id"], backend)
         assert run["tags"] == ["vanilla_gpt", "tp1", "pp1", f"sweep:{default_sweep.name}"]
         assert run["config"]["unified"]["backend"]["name"] == backend
         logged = [h["lm loss"] for h in run["history"] if "lm loss" in h]
-        assert logged == pytest.approx(_series(default_pair[backend], "lm loss"), rel=1e-6)
+        assert logged == pytest.approx(series(default_pair[backend], "lm loss"), rel=1e-6)
         assert any("grad-norm" in h for h in run["history"])
         lines.append(
             f"- {backend}: group {run['group']}, job_type {run['job_type']}, tags {run['tags']}, "
             f"{len(logged)} lm loss values, equal to metrics.jsonl: "
-            f"{logged == _series(default_pair[backend], 'lm loss')}"
+            f"{logged == series(default_pair[backend], 'lm loss')}"
         )
     assert (default_sweep / "wandb_panels.json").exists()
-    _publish("W&B runs read back", "\n".join(lines))
+    publish("W&B runs read back", "\n".join(lines))
 
 
 def test_checkpoints_are_saved_at_the_end(default_sweep):
-    for backend, job_dir in _job_dirs(default_sweep).items():
+    for backend, job_dir in job_dirs(default_sweep).items():
         tracker = job_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
         assert tracker.read_text().strip() == "10", backend
         assert (job_dir / "checkpoints" / "iter_0000010").is_dir(), backend
 
 
 def test_100_iterations_with_dropout_stay_bitwise(tmp_path):
-    runs = _pair(tmp_path, "vanilla_100", "train.iters=100")
+    runs = pair(tmp_path, "vanilla_100", "train.iters=100")
     assert runs["mlm"][0]["iteration"] == 1 and len(runs["mlm"]) == 100
-    _assert_bitwise(runs["mlm"], runs["bridge"])
+    assert_bitwise(runs["mlm"], runs["bridge"])
 
 
 @pytest.fixture(scope="module")
 def isolated_pair(tmp_path_factory) -> dict[str, list[dict]]:
     """launch.isolation=process: each job of the pair in a fresh worker process."""
-    return _pair(tmp_path_factory.mktemp("isolated"), "isolated_pair", "launch.isolation=process")
+    return pair(tmp_path_factory.mktemp("isolated"), "isolated_pair", "launch.isolation=process")
 
 
 def test_process_isolation_is_bitwise_and_matches_upstream(isolated_pair):
-    _assert_bitwise(isolated_pair["mlm"], isolated_pair["bridge"])
+    assert_bitwise(isolated_pair["mlm"], isolated_pair["bridge"])
     _assert_default_trajectory(isolated_pair["mlm"])
 
 
 def test_under_torchrun_equals_the_pair(isolated_pair, tmp_path):
     run_dir = tmp_path / "torchrun"
-    _run(
+    run_unified(
         ["backend=bridge", f"hydra.run.dir={run_dir}", *QUIET],
         tmp_path / "torchrun.log",
         launcher=("-m", "torch.distributed.run", "--nproc-per-node=1", "-m"),
     )
-    _assert_bitwise(_metrics(run_dir), isolated_pair["bridge"])
+    assert_bitwise(read_metrics(run_dir), isolated_pair["bridge"])
 
 
 def test_llama_style_preset_is_bitwise(tmp_path):
     """On megatron-core's own DotProductAttention (auto would pick flex for llama: see the flex test below)."""
-    runs = _pair(tmp_path, "llama32_1b_2layers", "model=llama32_1b", "model.num_layers=2", "kernels.attention=local")
-    _assert_bitwise(runs["mlm"], runs["bridge"])
+    runs = pair(tmp_path, "llama32_1b_2layers", "model=llama32_1b", "model.num_layers=2", "kernels.attention=local")
+    assert_bitwise(runs["mlm"], runs["bridge"])
 
 
 def test_indexed_data_with_a_tokenizer_of_its_own_is_bitwise(tmp_path):
@@ -218,7 +146,7 @@ def test_indexed_data_with_a_tokenizer_of_its_own_is_bitwise(tmp_path):
     for name, documents, seed in (("a", 300, 0), ("b", 500, 1)):
         write_indexed_prefix(tmp_path / name, documents, seed)
     tokenizer = write_hf_tokenizer(tmp_path / "tokenizer")
-    runs = _pair(
+    runs = pair(
         tmp_path,
         "indexed_pair",
         "data=indexed",
@@ -226,21 +154,19 @@ def test_indexed_data_with_a_tokenizer_of_its_own_is_bitwise(tmp_path):
         "data.split='90,5,5'",
         f"data.data_path=['0.3 {tmp_path}/a','0.7 {tmp_path}/b']",
     )
-    _assert_bitwise(runs["mlm"], runs["bridge"])
+    assert_bitwise(runs["mlm"], runs["bridge"])
 
 
 def test_cyclic_sampler_aligns_validation_and_test_losses(tmp_path):
     """With data.dataloader_type=cyclic both stacks draw validation (and training) samples with the same random
     sampler, so the validation and test losses are bitwise equal too, not only the training losses."""
-    runs = _pair(tmp_path, "cyclic_pair", "data.dataloader_type=cyclic")
-    _assert_bitwise(runs["mlm"], runs["bridge"])
+    runs = pair(tmp_path, "cyclic_pair", "data.dataloader_type=cyclic")
+    assert_bitwise(runs["mlm"], runs["bridge"])
     assert runs["mlm"][-1]["val_loss"] == runs["bridge"][-1]["val_loss"]
-    summaries = {
-        b: json.loads((d / "summary.json").read_text()) for b, d in _job_dirs(tmp_path / "cyclic_pair").items()
-    }
+    summaries = {b: json.loads((d / "summary.json").read_text()) for b, d in job_dirs(tmp_path / "cyclic_pair").items()}
     for key in ("final_valid_loss", "test_loss"):
         assert summaries["mlm"][key] == summaries["bridge"][key], (key, summaries)
-    _publish(
+    publish(
         "cyclic sampler: validation",
         f"val_loss@{len(runs['mlm'])} {runs['mlm'][-1]['val_loss']!r} (both); "
         + ", ".join(
@@ -250,24 +176,24 @@ def test_cyclic_sampler_aligns_validation_and_test_losses(tmp_path):
 
 
 def _attention(sweep: Path) -> dict[str, str]:
-    return {b: json.loads((d / "run.json").read_text())["attention"] for b, d in _job_dirs(sweep).items()}
+    return {b: json.loads((d / "run.json").read_text())["attention"] for b, d in job_dirs(sweep).items()}
 
 
 def test_llama_pair_on_flex_attention_is_bitwise(tmp_path):
     """kernels.attention resolves to flex for llama (no attention dropout): both stacks build our FlexAttention
     and the pair stays bitwise."""
-    runs = _pair(tmp_path, "llama_flex", "model=llama32_1b", "model.num_layers=2", "kernels.attention=flex")
+    runs = pair(tmp_path, "llama_flex", "model=llama32_1b", "model.num_layers=2", "kernels.attention=flex")
     assert _attention(tmp_path / "llama_flex") == {"mlm": "flex", "bridge": "flex"}
-    _assert_bitwise(runs["mlm"], runs["bridge"])
+    assert_bitwise(runs["mlm"], runs["bridge"])
 
 
 def test_deepseek_v2_lite_pair_trains_and_is_bitwise_under_strict_determinism(tmp_path):
     """Multi-latent attention (on flex: megatron-core's local attention cannot build it) and MoE (a dense first
     layer, 64 experts after it): both stacks train it, bitwise once MoE dispatch is deterministic."""
-    runs = _pair(tmp_path, "deepseek_strict", "model=deepseek_v2_lite", "model.num_layers=4", "determinism=strict")
+    runs = pair(tmp_path, "deepseek_strict", "model=deepseek_v2_lite", "model.num_layers=4", "determinism=strict")
     assert _attention(tmp_path / "deepseek_strict") == {"mlm": "flex", "bridge": "flex"}
-    _assert_bitwise(runs["mlm"], runs["bridge"])
-    losses = _series(runs["mlm"], "lm loss")
+    assert_bitwise(runs["mlm"], runs["bridge"])
+    losses = series(runs["mlm"], "lm loss")
     assert losses[-1] < losses[0]  # it learns
 
 
@@ -275,7 +201,7 @@ def test_flex_agrees_with_local_attention_over_50_iterations(tmp_path):
     """The kernel is right, not only self-consistent: 50 iterations of a llama-style model on flex and on
     megatron-core's own DotProductAttention pass the statistical gate against each other."""
     sweep = tmp_path / "flex_vs_local"
-    _run(
+    run_unified(
         [
             "-m",
             "backend=mlm",
@@ -288,13 +214,13 @@ def test_flex_agrees_with_local_attention_over_50_iterations(tmp_path):
         ],
         tmp_path / "flex_vs_local.log",
     )
-    runs = {json.loads(p.read_text())["attention"]: _metrics(p.parent) for p in sweep.rglob("run.json")}
+    runs = {json.loads(p.read_text())["attention"]: read_metrics(p.parent) for p in sweep.rglob("run.json")}
     local, flex = (
-        dict(zip(_series(runs[k], "iteration"), _series(runs[k], "lm loss"), strict=True)) for k in ("local", "flex")
+        dict(zip(series(runs[k], "iteration"), series(runs[k], "lm loss"), strict=True)) for k in ("local", "flex")
     )
     ok, detail = compare.statistical(local, flex)
     golden_ok, golden_detail = compare.golden(local, flex)
-    _publish(
+    publish(
         "flex vs local, 50 iterations",
         f"statistical: {detail}; golden: {golden_detail}; final lm loss local {local[50]!r}, flex {flex[50]!r}",
     )

@@ -13,8 +13,9 @@ import time
 from dataclasses import dataclass
 
 from unified_train import compat, mcore_fields
-from unified_train.backends import process_state
+from unified_train.backends import numerics, process_state
 from unified_train.backends.describe import (
+    CHECKPOINT_FIELDS,
     DATASET_FIELDS,
     GPT_FIELDS,
     dataclass_fields,
@@ -34,6 +35,7 @@ class Native:
     container: object  # megatron.bridge.training.config.ConfigContainer, after runtime_config_update
     world_size: int
     overrides: list[str]
+    numerics_dir: str | None = None  # mode=numerics: record iteration 1 into this run directory
 
 
 def _model_provider(cfg, job: JobIdentity):
@@ -115,10 +117,23 @@ def build_container(cfg, job: JobIdentity):
         checkpoint=CheckpointConfig(**mcore_fields.checkpoint(cfg, job)),
         rng=RNGConfig(**mcore_fields.rng(cfg)),
         dist=DistributedInitConfig(),
-        mixed_precision=_PRECISION_PRESET[dtype],
+        mixed_precision=_mixed_precision(cfg),
     )
     container.env_vars = {}  # the launcher owns the process environment, identically for both backends
     return container
+
+
+def _mixed_precision(cfg):
+    """Bridge's preset for the dtype, with the gradient reduction dtype of the unified config, as MLM's flags have
+    it (the fp16 preset would reduce in fp16; tests/test_parity.py's sweep holds this)."""
+    from megatron.bridge.training.mixed_precision import get_mixed_precision_config
+
+    name = _PRECISION_PRESET[cfg.precision.dtype]
+    if name is None:
+        return None
+    preset = get_mixed_precision_config(name)
+    preset.grad_reduce_in_fp32 = mcore_fields.ddp(cfg)["grad_reduce_in_fp32"]
+    return preset
 
 
 def _apply_overrides(container, overrides: list[str]) -> None:
@@ -232,6 +247,7 @@ _MODEL_OVERRIDE_KEYS = (
     "pipeline_model_parallel_size",
     "context_parallel_size",
     "expert_model_parallel_size",
+    "expert_tensor_parallel_size",
     "sequence_parallel",
     "transformer_impl",
     "bias_activation_fusion",
@@ -270,7 +286,8 @@ class BridgeBackend:
         _apply_overrides(container, extra)
         with process_state.world(job.world_size), process_state.quiet():
             runtime_config_update(container)
-        return Native(container=container, world_size=job.world_size, overrides=extra)
+        numerics_dir = job.run_dir if cfg.mode == "numerics" else None
+        return Native(container=container, world_size=job.world_size, overrides=extra, numerics_dir=numerics_dir)
 
     def describe(self, native: Native) -> dict[str, object]:
         from megatron.bridge.training.optim import _get_scheduler
@@ -306,8 +323,11 @@ class BridgeBackend:
                 "data.dataloader_type": c.dataset.dataloader_type,
                 "data.data_sharding": c.dataset.data_sharding,
                 "data.num_workers": c.dataset.num_workers,
+                "train.exit_signal_handler": c.train.exit_signal_handler,
+                "train.exit_signal": c.train.exit_signal.name,
             }
         )
+        out.update(flatten("checkpoint", c.checkpoint, (*CHECKPOINT_FIELDS, "load_rng", "load_optim")))
         out.update(
             schedule_trace(
                 lambda opt: _get_scheduler(c.optimizer, c.scheduler, opt),
@@ -354,12 +374,15 @@ class BridgeBackend:
         from megatron.core.optimizer_param_scheduler import get_canonical_lr_for_logging
 
         c = native.container
+        recorder = numerics.Recorder(native.numerics_dir) if native.numerics_dir else None
 
         class Recorder(Callback):
             def on_train_start(self, ctx):
                 # Bridge's FLOP count needs the vocabulary size, which setup takes from the tokenizer.
                 sink.set_flops_per_iteration(flop_utils.num_floating_point_operations(c, c.train.global_batch_size))
                 _ = ctx.state.wandb_logger  # Bridge starts its W&B run lazily, on first access (last rank only)
+                if recorder is not None:  # the model chunks and the optimizer whose first step ends iteration 1
+                    recorder.attach(ctx.model, ctx.optimizer)
                 sink.training_started()
 
             def on_train_step_start(self, ctx):
@@ -389,7 +412,14 @@ class BridgeBackend:
                 if "lm loss" in losses:
                     sink.record_eval(kind, float(losses["lm loss"]))
 
-        pretrain(c, forward_step, callbacks=[Recorder()])
+        try:
+            pretrain(c, forward_step, callbacks=[Recorder()])
+        except SystemExit as exc:  # the exit-signal / exit-interval paths end the loop with SystemExit, as MLM's
+            if exc.code not in (0, None):
+                raise
+        finally:
+            if recorder is not None:
+                recorder.detach()  # a run that ended before its first step leaves no hooks behind
 
     def teardown(self) -> None:
         """Bridge destroys its parallel state itself; drop what it leaves (caches, compiled kernels, memory)."""

@@ -54,16 +54,35 @@ class _ProbeOptimizer:
         self.param_groups = [{"default_config": True, "lr_mult": 1.0, "wd_mult": 1.0}]
 
 
+# A schedule is traced at every iteration up to this many, and beyond at this many iterations spread evenly up to the
+# last one: the parity diff of a run of 10^9 iterations stays a few thousand fields.
+TRACED_ITERATIONS = 2000
+
+
+def traced_iterations(iters: int) -> list[int]:
+    """Every iteration 1..iters, or (a long run) the first TRACED_ITERATIONS and as many spread over the rest,
+    the last included."""
+    if iters <= 2 * TRACED_ITERATIONS:
+        return list(range(1, iters + 1))
+    rest = iters - TRACED_ITERATIONS
+    spread = {TRACED_ITERATIONS + (rest * k) // TRACED_ITERATIONS for k in range(1, TRACED_ITERATIONS + 1)}
+    return [*range(1, TRACED_ITERATIONS + 1), *sorted(spread)]
+
+
 def schedule_trace(make_scheduler, iters: int, global_batch_size: int) -> dict[str, object]:
-    """Learning rate and weight decay in force at every iteration 1..iters, from the stack's own scheduler."""
+    """Learning rate and weight decay in force at each traced iteration (traced_iterations), from the stack's own
+    scheduler. Both depend only on the samples consumed, so the scheduler steps straight to each one."""
     optimizer = _ProbeOptimizer()
     scheduler = make_scheduler(optimizer)
     trace = {}
     group = optimizer.param_groups[0]
-    for it in range(1, iters + 1):
+    at = 1
+    for it in traced_iterations(iters):
+        if it > at:
+            scheduler.step(increment=global_batch_size * (it - at))
+            at = it
         trace[f"schedule.lr@{it}"] = float(group["lr"])
         trace[f"schedule.weight_decay@{it}"] = float(group["weight_decay"])
-        scheduler.step(increment=global_batch_size)
     return trace
 
 
@@ -80,6 +99,9 @@ GPT_FIELDS = (
     "fp16_lm_cross_entropy",
     "seq_len_interpolation_factor",
 )
+# megatron-core CheckpointConfig fields both stacks carry by these names (plus load_rng/load_optim, which MLM spells
+# --no-load-rng/--no-load-optim).
+CHECKPOINT_FIELDS = ("save", "save_interval", "load", "ckpt_step", "ckpt_format")
 DATASET_FIELDS = (
     "random_seed",
     "blend",

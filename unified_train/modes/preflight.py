@@ -38,6 +38,7 @@ def summarize(run_dir: str, expected_world: int) -> dict:
         "devices": sorted({r["device"] for r in reports}),
         "all_reduce_ok": bool(reports) and all(r["all_reduce_ok"] for r in reports),
         "parity_clean": bool(reports) and all(not r["parity_differences"] for r in reports),
+        "parity_differences": sorted({field for r in reports for field in r["parity_differences"]}),
     }
     summary["ok"] = ranks_seen == list(range(expected_world)) and summary["all_reduce_ok"] and summary["parity_clean"]
     rundir.write_preflight_summary(run_dir, summary)
@@ -59,10 +60,11 @@ def run(cfg, job: rundir.JobIdentity) -> int:
             rank_main(cfg_yaml, identity)
     rundir.write_job_record(cfg, job)  # after the rendezvous: no rank is still checking the run directory
     summary = summarize(job.run_dir, job.world_size)
+    differing = ", ".join(summary["parity_differences"])
     print(
         f"preflight: {'OK' if summary['ok'] else 'FAILED'}: ranks {summary['ranks_reported']} of world "
         f"{job.world_size}, all-reduce {'ok' if summary['all_reduce_ok'] else 'FAILED'}, parity "
-        f"{'clean' if summary['parity_clean'] else 'DIFFERS'}, hosts {summary['hosts']}, "
+        f"{'clean' if summary['parity_clean'] else f'DIFFERS in {differing}'}, hosts {summary['hosts']}, "
         f"devices {summary['devices']}"
     )
     return 0 if summary["ok"] else 1

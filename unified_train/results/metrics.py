@@ -25,6 +25,7 @@ class MetricsSink:
         tokens_per_iteration: int,
         world_size: int,
         write: bool,
+        continued: bool = False,
         unified_config: dict | None = None,
         on_training_started=None,
     ):
@@ -42,7 +43,7 @@ class MetricsSink:
         self.unified_config = unified_config or {}
         self.on_training_started = on_training_started
         self.startup: dict[str, float | None] = {}  # phase -> seconds since this process started
-        self._file = rundir.open_metrics(run_dir) if write else None
+        self._file = rundir.open_metrics(run_dir, continued) if write else None
 
     def mark(self, phase: str, at: float | None = None) -> None:
         """Record when a start-up phase ended (now, or `at`), in seconds since this process started."""

@@ -1,13 +1,17 @@
-"""W&B panels for a sweep: a report with one section per pair group, each with `lm loss` and `grad-norm` line
-plots grouped by job_type (the backend) and the runs table of that group.
+"""W&B panels for a sweep: a report with one section per pair group, each with the pair's verdict, `lm loss` and
+`grad-norm` line plots grouped by job_type (the backend) and the runs table of that group. Each run's W&B summary
+gets its pair's verdict (`unified_train/verdict`, `unified_train/verdict_detail`), read from the comparison's
+comparison.json.
 
     python -m unified_train.results.panels SWEEP_DIR [SWEEP_DIR ...] [--project P] [--entity E] [--title T]
     python -m unified_train.results.panels --spec SWEEP_DIR/wandb_panels.json     # create it later, from the spec
 
-With WANDB_API_KEY set, the report is created online with wandb-workspaces and its URL printed. Without one
-(or with --offline), the panel spec is written to `<first sweep dir>/wandb_panels.json` and the `wandb sync`
-commands for the offline runs are printed, with the command that creates the panels once they are uploaded.
-The spec is read from the job directories (run.json, unified_config.yaml), so any sweep directory works.
+With WANDB_API_KEY set, the report is created online with wandb-workspaces and its URL printed, and the verdicts are
+written into the runs' summaries. Without one (or with --offline), the panel spec is written to
+`<first sweep dir>/wandb_panels.json` and the `wandb sync` commands for the offline runs are printed, with the command
+that creates the panels and writes the summaries once they are uploaded (an offline run cannot be changed after it
+finished). The spec is read from the job directories (run.json, unified_config.yaml, the W&B run directories) and
+the sweep's comparison.json, so any sweep directory works.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from unified_train import rundir
 
 METRICS = ("lm loss", "grad-norm")  # the keys both stacks log to W&B (MLM's and Bridge's training_log)
 SPEC_FILE = rundir.WANDB_PANELS
+VERDICT, VERDICT_DETAIL = "unified_train/verdict", "unified_train/verdict_detail"  # keys in each run's summary
 
 
 def build_spec(
@@ -32,20 +37,30 @@ def build_spec(
     runs = [r for r in rundir.load_runs(sweep_dirs) if not r.is_preflight]
     if not runs:
         raise SystemExit(f"unified_train.results.panels: no training runs (run.json) under {', '.join(sweep_dirs)}")
-    wandb_cfg = rundir.read_unified_config(runs[0].path).logger.wandb
+    # A job that failed before it started training has no unified config; any other run's names the project.
+    recorded = [r for r in runs if os.path.isfile(os.path.join(r.path, rundir.UNIFIED_CONFIG))]
+    wandb_cfg = rundir.read_unified_config((recorded or runs)[0].path).logger.wandb
+    verdicts = {}  # pair id -> its verdict, from the comparison of each sweep directory
+    for sweep in sweep_dirs:
+        verdicts.update((rundir.read_comparison(sweep) or {}).get("pairs", {}))
     sections: dict[str, dict] = {}
     for run in runs:
         job = run.job
+        verdict = verdicts.get(run.pair_id)
         section = sections.setdefault(
             run.pair_id,
             {
-                "name": f"pair {run.pair_id}: {job.model} tp={job.tp} pp={job.pp}",
+                "name": f"pair {run.pair_id}: {job.model} tp={job.tp} pp={job.pp}"
+                + (f": {verdict['verdict']}" if verdict else ""),
                 "group": run.pair_id,
                 "job_types": [],
+                "verdict": {"verdict": verdict["verdict"], "detail": verdict["detail"]} if verdict else None,
+                "runs": [],
                 "panels": [{"type": "line", "title": m, "x": "Step", "y": [m], "groupby": "JobType"} for m in METRICS],
             },
         )
         section["job_types"] = sorted({*section["job_types"], run.backend})
+        section["runs"] += [{"id": run_id, "job_type": run.backend} for run_id in wandb_run_ids(run.path)]
     offline = sorted(
         d
         for r in runs
@@ -59,6 +74,40 @@ def build_spec(
         "sections": [sections[k] for k in sorted(sections)],
         "offline_runs": offline,
     }
+
+
+def wandb_run_ids(run_dir: str) -> list[str]:
+    """The W&B runs a job's stack started (online or offline), by id: each run directory holds run-<id>.wandb."""
+    found = glob.glob(os.path.join(run_dir, rundir.WANDB_DIR, "**", "run-*.wandb"), recursive=True)
+    return sorted({os.path.basename(f)[len("run-") : -len(".wandb")] for f in found})
+
+
+def summaries(spec: dict) -> dict[str, dict]:
+    """W&B run id -> the summary values that carry its pair's verdict."""
+    out = {}
+    for section in spec["sections"]:
+        verdict = section.get("verdict")
+        for run in section.get("runs", []) if verdict else []:
+            out[run["id"]] = {VERDICT: verdict["verdict"], VERDICT_DETAIL: verdict["detail"]}
+    return out
+
+
+def write_summaries(spec: dict) -> list[str]:
+    """Each uploaded run's summary gets its pair's verdict (W&B's public API: needs the network and a key); returns
+    the runs' paths."""
+    values_by_run = summaries(spec)
+    if not values_by_run:  # no comparison.json, or no W&B run
+        return []
+    import wandb
+
+    api = wandb.Api()
+    entity = spec["entity"] or api.default_entity
+    paths = []
+    for run_id, values in values_by_run.items():
+        path = f"{entity}/{spec['project']}/{run_id}"
+        api.run(path).summary.update(values)
+        paths.append(path)
+    return paths
 
 
 def build_report(spec: dict):
@@ -75,8 +124,10 @@ def build_report(spec: dict):
             filters=expr.And(expr.Metric("Group") == section["group"]),
         )
         panels = [wr.LinePlot(title=p["title"], x=p["x"], y=p["y"], groupby=p["groupby"]) for p in section["panels"]]
+        verdict = section.get("verdict")
         blocks += [
             wr.H2(section["name"]),
+            *([wr.P(f"verdict: {verdict['verdict']}: {verdict['detail']}")] if verdict else []),
             wr.PanelGrid(runsets=[runset], panels=panels),
         ]  # the grid shows the runs table
     return wr.Report(
@@ -95,6 +146,7 @@ def create_online(spec: dict) -> str:
         spec = {**spec, "entity": wandb.Api().default_entity}
     report = build_report(spec)
     report.save()
+    write_summaries(spec)
     return report.url
 
 
@@ -105,7 +157,7 @@ def write_offline(spec: dict, out_dir: str) -> tuple[str, list[str]]:
         json.dump(spec, f, indent=2)
     project = ["-p", spec["project"]] + (["-e", spec["entity"]] if spec["entity"] else [])
     commands = [shlex.join(["wandb", "sync", *project, run]) for run in spec["offline_runs"]]
-    commands.append(shlex.join([sys.executable, "-m", __spec__.name, "--spec", path]))
+    commands.append(shlex.join([sys.executable, "-m", __spec__.name, "--spec", path]))  # also writes the summaries
     return path, commands
 
 
@@ -121,6 +173,12 @@ def after_sweep(sweep_dir: str) -> None:
         print("\n".join(f"  {c}" for c in commands))
     else:
         print(f"W&B panels for this sweep: {shlex.join([sys.executable, '-m', __spec__.name, sweep_dir])}")
+    online = bool(summaries(spec)) and not spec["offline_runs"] and os.environ.get("WANDB_API_KEY")
+    if online:  # the runs are uploaded already: their summaries get the verdict now
+        try:
+            print(f"W&B: the verdict is in the summary of {', '.join(write_summaries(spec))}")
+        except Exception as exc:  # noqa: BLE001 -- the network: the comparison stands without it
+            print(f"W&B: the verdicts could not be written ({type(exc).__name__}: {exc}); run the command above")
 
 
 def main(argv: list[str] | None = None) -> int:

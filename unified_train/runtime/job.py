@@ -10,9 +10,10 @@ import os
 
 from omegaconf import OmegaConf
 
-from unified_train import backends, rundir
+from unified_train import backends, resume, rundir
+from unified_train import config as C
 from unified_train.results import metrics, wandb_runs
-from unified_train.runtime import env, ranks
+from unified_train.runtime import env, failures, preemption, ranks, repeats
 
 
 def run(cfg, job: rundir.JobIdentity, task_started: float | None = None) -> None:
@@ -23,6 +24,7 @@ def run(cfg, job: rundir.JobIdentity, task_started: float | None = None) -> None
         _run_in_fresh_process(cfg, job)
     else:
         run_job(cfg, job, task_started)
+    repeats.run(cfg, job, run)  # compare.repeats: the same training again, into repeats/<k>/ (runtime/repeats.py)
 
 
 def run_job(cfg, job: rundir.JobIdentity, task_started: float | None = None) -> dict:
@@ -37,13 +39,20 @@ def run_job(cfg, job: rundir.JobIdentity, task_started: float | None = None) -> 
     wandb_runs.apply_env(wandb_runs.wandb_env(cfg, job))
     os.makedirs(job.run_dir, exist_ok=True)
     rank = ranks.rank()
+    writes_metrics = rank == job.world_size - 1
+    start = resume.start(cfg, job.run_dir)
+    resumed = {"resumed_from": start.iteration_to_load(), "resumed_own": start.own} if start.resumes else {}
+    if start.own and writes_metrics:  # a restarted run: its metrics continue where its checkpoint left off
+        rundir.archive_attempt(job.run_dir, resumed["resumed_from"])
+    exit_signal = preemption.ExitSignal(C.exit_signal(cfg))  # before the stack replaces the handler there
     sink = metrics.MetricsSink(
         job.run_dir,
         backend=job.backend,
         world_size=job.world_size,
-        write=rank == job.world_size - 1,
+        write=writes_metrics,
+        continued=start.own,
         tokens_per_iteration=cfg.train.global_batch_size * cfg.train.seq_length,
-        on_training_started=wandb_runs.add_unified_config,
+        on_training_started=lambda unified: (wandb_runs.add_unified_config(unified), exit_signal.watch()),
         unified_config=OmegaConf.to_container(cfg, resolve=True),
     )
     if task_started is not None:
@@ -70,13 +79,18 @@ def run_job(cfg, job: rundir.JobIdentity, task_started: float | None = None) -> 
         backend.teardown()
         wandb_runs.end_run()
         gc.unfreeze()
-    return sink.close(pair_id=job.pair_id)
+    stopped = {"stopped_by": exit_signal.signum.name} if exit_signal.received else {}
+    summary = sink.close(pair_id=job.pair_id, **resumed, **stopped)
+    exit_signal.hand_over()  # in a submitit job: requeued (and this process ends) here
+    return summary
 
 
 def _rank_entry(cfg_yaml: str, identity: dict) -> None:
     """One spawned rank (or isolated worker): a fresh interpreter whose DataLoader workers start as under torchrun."""
     ranks.as_fresh_interpreter()
-    run_job(OmegaConf.create(cfg_yaml), rundir.JobIdentity(**identity))
+    job = rundir.JobIdentity(**identity)
+    with failures.recorded(job, new_attempt=False):  # the rank's own traceback: its parent sees only an exit code
+        run_job(OmegaConf.create(cfg_yaml), job)
 
 
 def _run_in_fresh_process(cfg, job: rundir.JobIdentity) -> None:
@@ -84,7 +98,7 @@ def _run_in_fresh_process(cfg, job: rundir.JobIdentity) -> None:
     import multiprocessing as mp
 
     ctx = mp.get_context("spawn")
-    proc = ctx.Process(target=_rank_entry, args=(OmegaConf.to_yaml(cfg, resolve=True), job.handover()))
+    proc = ctx.Process(target=ranks.spawned, args=(_rank_entry, OmegaConf.to_yaml(cfg, resolve=True), job.handover()))
     proc.start()
     proc.join()
     if proc.exitcode != 0:

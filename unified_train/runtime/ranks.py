@@ -6,6 +6,7 @@ the rendezvous probe `mode=preflight` runs on every rank.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import socket
@@ -79,7 +80,21 @@ def spawn(cfg, world_size: int, entry, *args) -> None:
         monitor_interval=0.5,
         start_method="spawn",
     )
-    elastic_launch(config, entry)(OmegaConf.to_yaml(cfg, resolve=True), *args)
+    elastic_launch(config, spawned)(entry, OmegaConf.to_yaml(cfg, resolve=True), *args)
+
+
+def spawned(entry, *args) -> None:
+    """A spawned interpreter's entry, `entry(*args)`, logging as the Hydra job does (conf/hydra/job_logging): to
+    stderr, so stdout carries only results. Without a handler of ours, importing megatron.training installs one that
+    writes every INFO record to stdout, and Bridge's import_utils logs through its own stderr handler and the root."""
+    import logging
+    import sys
+
+    logging.basicConfig(
+        stream=sys.stderr, level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
+    )
+    logging.getLogger("megatron.bridge.utils.import_utils").propagate = False
+    entry(*args)
 
 
 def as_fresh_interpreter() -> None:
@@ -92,7 +107,8 @@ def as_fresh_interpreter() -> None:
 
 
 def init_process_group(world_size: int) -> None:
-    """Own the world process group (one per process, kept across jobs) so neither stack destroys it."""
+    """Own the world process group (one per process, kept across jobs) so neither stack destroys it; this process
+    destroys it when it ends (else torch warns that destroy_process_group() was not called)."""
     import torch
     import torch.distributed as dist
 
@@ -110,6 +126,14 @@ def init_process_group(world_size: int) -> None:
         world_size=int(os.environ["WORLD_SIZE"]),
         device_id=torch.device("cuda", int(os.environ["LOCAL_RANK"])),
     )
+    atexit.register(_destroy_world_group)
+
+
+def _destroy_world_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 @contextlib.contextmanager

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from unittest import mock
 
 from unified_train import compat, config
-from unified_train.backends import process_state
+from unified_train.backends import numerics, process_state
 from unified_train.backends.describe import (
+    CHECKPOINT_FIELDS,
     DATASET_FIELDS,
     GPT_FIELDS,
     dataclass_fields,
@@ -35,6 +36,7 @@ class Native:
     # MLM has no flag for a separate data-shuffle seed (pretrain_gpt.py shuffles with --seed); our dataset glue
     # takes it from here so data.seed works on both backends.
     data_seed: int
+    numerics_dir: str | None = None  # mode=numerics: record iteration 1 into this run directory
 
 
 def model_config(native: Native):
@@ -67,6 +69,7 @@ class MLMBackend:
             world_size=job.world_size,
             rope_scaling_factor=cfg.model.rope_scaling_factor,
             data_seed=config.data_seed(cfg),
+            numerics_dir=job.run_dir if cfg.mode == "numerics" else None,
         )
 
     def describe(self, native: Native) -> dict[str, object]:
@@ -107,8 +110,13 @@ class MLMBackend:
                 "data.dataloader_type": args.dataloader_type,
                 "data.data_sharding": args.data_sharding,
                 "data.num_workers": args.num_workers,
+                "checkpoint.load_rng": not args.no_load_rng,
+                "checkpoint.load_optim": not args.no_load_optim,
+                "train.exit_signal_handler": args.exit_signal_handler,
+                "train.exit_signal": args.exit_signal.name,
             }
         )
+        out.update({f"checkpoint.{f}": getattr(args, f) for f in CHECKPOINT_FIELDS})
 
         def make_scheduler(optimizer):
             previous = global_vars._GLOBAL_ARGS
@@ -186,10 +194,13 @@ class MLMBackend:
 
         optimizer: list = []  # MLM builds it inside pretrain; captured for the learning rate we record
         original_setup = training.setup_model_and_optimizer
+        recorder = numerics.Recorder(native.numerics_dir) if native.numerics_dir else None
 
         def capture_optimizer(*a, **kw):
             result = original_setup(*a, **kw)
             optimizer.append(result[1])
+            if recorder is not None:  # the model chunks and the optimizer whose first step ends iteration 1
+                recorder.attach(result[0], result[1])
             sink.training_started()
             return result
 
@@ -218,6 +229,8 @@ class MLMBackend:
         finally:
             for p in reversed(patches):
                 p.stop()
+            if recorder is not None:
+                recorder.detach()  # a run that ended before its first step leaves no hooks behind
             del container
 
     def teardown(self) -> None:

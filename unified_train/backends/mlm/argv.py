@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import enum
 import sys
 from unittest import mock
 
@@ -64,6 +65,8 @@ def _flag(actions: dict, dest: str, value) -> list[str]:
         return []
     if isinstance(value, (list, tuple)):
         return [flag, *map(str, value)] if value else []
+    if isinstance(value, enum.Enum):  # e.g. --exit-signal SIGUSR2
+        return [] if value == action.default else [flag, value.name]
     return [flag, str(value)]
 
 
@@ -155,7 +158,7 @@ def build_argv(cfg, job: JobIdentity) -> list[str]:
         values.update(save=ckpt["save"], save_interval=ckpt["save_interval"])
     values["ckpt_format"] = ckpt["ckpt_format"]
     if ckpt["load"] is not None:
-        values["load"] = ckpt["load"]
+        values.update(load=ckpt["load"], ckpt_step=ckpt["ckpt_step"])
 
     argv: list[str] = []
     for dest, value in values.items():
