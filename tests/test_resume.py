@@ -207,7 +207,16 @@ def test_without_the_signal_nothing_is_handed_over():
             ["checkpoint.load={bridge}", "parallel.tp=2"],
             "checkpoint.load={bridge} was written by Megatron-Bridge, whose checkpoints carry no Megatron-LM args",
         ),
-        (["backend=bridge", "checkpoint.load={ck}", "model=deepseek_v2_lite", "parallel.ep=2"], "shards the RNG"),
+        (
+            [
+                "backend=bridge",
+                "checkpoint.load={ck}",
+                "model=deepseek_v2_lite",
+                "parallel.ep=2",
+                "parallel.gpus_per_node=2",
+            ],
+            "shards the RNG",
+        ),
         (
             ["mode=preflight", "checkpoint.resume=always", "hydra.run.dir={new}"],
             "checkpoint.resume=always: no checkpoint",
