@@ -19,33 +19,15 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch.overrides import TorchFunctionMode
+from cuda_on_cpu import cuda_on_cpu
 
 SEQ, VOCAB, MICROBATCHES = 16, 128, 2
-
-
-class CudaOnCpu(TorchFunctionMode):
-    """megatron-core puts the causal mask and DDP's gradient buffer on "cuda" and checks `Tensor.type()` for
-    torch.cuda.*; here both mean the CPU (as in tests/resume_optimizer_job.py)."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if "cuda" in str(kwargs.get("device", "")):
-            kwargs["device"] = "cpu"
-        if getattr(func, "__name__", "") == "cuda":
-            return args[0]
-        out = func(*args, **kwargs)
-        if func is torch.Tensor.type and len(args) == 1 and isinstance(out, str):
-            return out.replace("torch.", "torch.cuda.", 1)
-        return out
 
 
 def cpu_rng_tracker() -> None:
     """megatron-core's RNG tracker forks the CUDA generator around attention dropout; here it forks the CPU's."""
     from megatron.core.tensor_parallel import random
 
-    torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.synchronize = lambda *args, **kwargs: None
     torch.cuda.get_rng_state = lambda device="cuda": torch.get_rng_state()
     torch.cuda.manual_seed = torch.manual_seed
     random._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: torch.get_rng_state()
@@ -161,7 +143,7 @@ def main(out_dir: str) -> dict:
 
     parallel_state.initialize_model_parallel()
     cpu_rng_tracker()
-    with CudaOnCpu():
+    with cuda_on_cpu():
         return {
             "plain": plain(os.path.join(out_dir, "plain")),
             "again": plain(os.path.join(out_dir, "again")),

@@ -13,25 +13,9 @@ import sys
 
 import torch
 import torch.distributed as dist
-from torch.overrides import TorchFunctionMode
+from cuda_on_cpu import cuda_on_cpu
 
 SHARDING = {"distrib_optim_sharding_type": "dp_reshardable"}  # MLM's and Bridge's default for torch_dist
-
-
-class CudaOnCpu(TorchFunctionMode):
-    """megatron-core allocates its buffers on "cuda" and checks `Tensor.type()` for torch.cuda.*Tensor; here
-    both mean the CPU, so the real optimizer code runs unchanged."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = dict(kwargs or {})
-        if "cuda" in str(kwargs.get("device", "")):
-            kwargs["device"] = "cpu"
-        if getattr(func, "__name__", "") == "cuda":
-            return args[0]
-        out = func(*args, **kwargs)
-        if func is torch.Tensor.type and len(args) == 1 and isinstance(out, str):
-            return out.replace("torch.", "torch.cuda.", 1)
-        return out
 
 
 def build(seed: int):
@@ -130,9 +114,7 @@ def _last_frame(error: BaseException) -> str:
 if __name__ == "__main__":
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     dist.init_process_group("gloo", rank=0, world_size=1, init_method=f"file://{sys.argv[1]}.rendezvous")
-    torch.cuda.current_device = lambda: "cpu"
-    torch.cuda.synchronize = lambda *args, **kwargs: None
-    with CudaOnCpu():
+    with cuda_on_cpu():
         result = main(sys.argv[1], sys.argv[2])
     dist.destroy_process_group()
     print(json.dumps(result))

@@ -13,10 +13,7 @@ from unified_train.runtime import env, failures, ranks
 
 def run(cfg) -> None:
     task_started = process_seconds()
-    if cfg.mode == "numerics":  # one training iteration of this config, recorded; the identity is of what runs
-        from unified_train.modes import numerics
-
-        cfg = numerics.job_config(cfg)
+    cfg = _what_runs(cfg)
     os.environ.update(env.process_env(cfg))  # before torch is imported: some settings are read at import
     ranks.adopt_slurm_ranks()  # before the world size is read: MLM reads RANK/WORLD_SIZE while parsing
     builds_only = cfg.mode in ("parity", "export")  # native configs, no run directory of Hydra's
@@ -49,6 +46,15 @@ def run(cfg) -> None:
         training_job.run(cfg, job, task_started)
 
 
+def _what_runs(cfg):
+    """The config the job trains: mode=numerics is one recorded iteration of the user's run (its identity too)."""
+    if cfg.mode != "numerics":
+        return cfg
+    from unified_train.modes import numerics
+
+    return numerics.job_config(cfg)
+
+
 STACK_NAMES = {"mlm": "Megatron-LM", "bridge": "Megatron-Bridge"}
 
 
@@ -62,10 +68,7 @@ def stack_problem(cfg) -> str | None:
 
     from unified_train import backends
 
-    if cfg.mode == "numerics":
-        from unified_train.modes import numerics
-
-        cfg = numerics.job_config(cfg)
+    cfg = _what_runs(cfg)
     job = rundir.identity(cfg, world_size=resources.world_size(cfg))
     said = io.StringIO()
     try:

@@ -19,8 +19,6 @@ from unified_train import rundir
 # Keys a restarted job may change without becoming another run: how it logs, launches and resumes, and what the
 # comparison does afterwards.
 _NOT_THE_RUN = ("logger", "launch", "compare", "checkpoint.resume", "hydra")
-# Hydra's record of a sweep, in a sweep directory: each job there guards its own directory when it starts.
-_SWEEP_RECORD = "multirun.yaml"
 
 
 @dataclass(frozen=True)
@@ -73,7 +71,7 @@ def guard(cfg, run_dir: str, key: str, started: bool = True) -> str | None:
     if policy == "never":
         return rundir.check_run_dir(run_dir, key, started)
     leftovers = rundir.check_run_dir(run_dir, key, started, fix=f"choose a new {key}: it holds no unified_train run")
-    if leftovers and os.path.exists(os.path.join(run_dir, _SWEEP_RECORD)):
+    if leftovers and os.path.exists(os.path.join(run_dir, rundir.HYDRA_SWEEP_RECORD)):  # each job guards its own
         return None
     if leftovers and os.path.exists(os.path.join(run_dir, rundir.UNIFIED_CONFIG)):
         changed = differing_keys(rundir.read_unified_config(run_dir), cfg)

@@ -53,6 +53,7 @@ BRIDGE_TRAIN_STATE = "latest_train_state.pt"
 ATTEMPTS = "attempts"
 # What Hydra itself writes into a job directory before the job runs.
 HYDRA_OWN = (".hydra",)
+HYDRA_SWEEP_RECORD = "multirun.yaml"  # what Hydra writes into a sweep directory
 SINGLE = "single"  # the sweep id of a run outside a multirun
 
 # Keys that do not change what is trained: excluded from the pair id so both halves of a pair (and reruns) match.

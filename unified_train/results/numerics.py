@@ -102,27 +102,27 @@ def localise(ref: list[dict], cand: list[dict]) -> Localisation:
         only_ref=sorted({k[3] for k in ours.keys() - theirs.keys()}),
         only_cand=sorted({k[3] for k in theirs.keys() - ours.keys()}),
     )
-    outputs = sorted(((i, r) for i, r in enumerate(ref) if r["kind"] == "output"), key=_forward_order)
     previous = None
-    for _, r in outputs:
-        other = theirs.get(_key(r))
-        if other is None:
-            continue
+    for r, other in _matched(ref, theirs, "output", _forward_order):
         out.outputs += 1
         if _differs(r, other):
             if not out.output_differences:
                 out.last_equal_output = previous
             out.output_differences.append(Difference(r, other))
         previous = r["name"]
-    grads = sorted(((i, r) for i, r in enumerate(ref) if r["kind"] == "grad"), key=_backward_order)
-    for _, r in grads:
-        other = theirs.get(_key(r))
-        if other is None:
-            continue
+    for r, other in _matched(ref, theirs, "grad", _backward_order):
         out.grads += 1
         if _differs(r, other):
             out.grad_differences.append(Difference(r, other))
     return out
+
+
+def _matched(ref: list[dict], theirs: dict, kind: str, order):
+    """The reference's records of `kind` in `order`, each with the other side's record of the same key."""
+    for _, r in sorted(((i, r) for i, r in enumerate(ref) if r["kind"] == kind), key=order):
+        other = theirs.get(_key(r))
+        if other is not None:
+            yield r, other
 
 
 def _relative(d: Difference) -> str:

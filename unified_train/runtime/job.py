@@ -45,6 +45,11 @@ def run_job(cfg, job: rundir.JobIdentity, task_started: float | None = None) -> 
     if start.own and writes_metrics:  # a restarted run: its metrics continue where its checkpoint left off
         rundir.archive_attempt(job.run_dir, resumed["resumed_from"])
     exit_signal = preemption.ExitSignal(C.exit_signal(cfg))  # before the stack replaces the handler there
+
+    def training_started(unified: dict) -> None:  # the stack is set up: its W&B run and its signal handler exist
+        wandb_runs.add_unified_config(unified)
+        exit_signal.watch()
+
     sink = metrics.MetricsSink(
         job.run_dir,
         backend=job.backend,
@@ -52,7 +57,7 @@ def run_job(cfg, job: rundir.JobIdentity, task_started: float | None = None) -> 
         write=writes_metrics,
         continued=start.own,
         tokens_per_iteration=cfg.train.global_batch_size * cfg.train.seq_length,
-        on_training_started=lambda unified: (wandb_runs.add_unified_config(unified), exit_signal.watch()),
+        on_training_started=training_started,
         unified_config=OmegaConf.to_container(cfg, resolve=True),
     )
     if task_started is not None:
