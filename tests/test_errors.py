@@ -146,6 +146,10 @@ BAD_INPUTS = {
     "tokenizer without a directory": (["data.tokenizer_type=HuggingFaceTokenizer"], "data.tokenizer_model is unset"),
     "checkpoint directory missing": (["checkpoint.load=/no/such/dir"], "checkpoint.load=/no/such/dir: no such"),
     "iteration without a checkpoint": (["checkpoint.load_iteration=5"], "checkpoint.load_iteration is set but"),
+    "rerun without saving": (
+        ["train.rerun_mode=validate_results", "checkpoint=none"],
+        "train.rerun_mode=validate_results saves a checkpoint",
+    ),
     "resume always from nothing": (["checkpoint.resume=always"], "checkpoint.resume=always: no checkpoint"),
     "numerics continuing a run": (["mode=numerics", "checkpoint.resume=if_available"], "checkpoint.resume=if_avail"),
     # hydra/launcher=slurm: checked on the submitting host, which needs no GPU.
@@ -323,7 +327,7 @@ def _earlier_run(run_dir):
     [
         (["mode=preflight", "hydra.run.dir={d}"], "hydra.run.dir"),
         (["mode=preflight", "run_dir={d}", "hydra.run.dir={d}_hydra"], "run_dir"),
-        (["-m", "backend=mlm,bridge", "mode=parity", "hydra.sweep.dir={d}"], "hydra.sweep.dir"),
+        (["-m", "backend=mlm,bridge", "mode=preflight", "hydra.sweep.dir={d}"], "hydra.sweep.dir"),
     ],
     ids=["run", "run_dir", "sweep"],
 )

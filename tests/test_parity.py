@@ -35,6 +35,7 @@ def test_describe_covers_every_required_section(default_both):
             "dataset.",
             "train.",
             "rng.",
+            "rerun.",
             "schedule.lr@",
             "schedule.weight_decay@",
         ):
@@ -104,6 +105,7 @@ def test_zero_differences_for_every_preset_in_every_precision(preset, dtype):
     assert checks.check(cfg) == []
     both = describe_both(cfg)
     assert both["mlm"]["ddp.check_for_nan_in_grad"] == (dtype != "fp16")
+    assert both["bridge"]["rerun.check_for_nan_in_loss"] == (dtype != "fp16")
     rows = parity.diff(both["mlm"], both["bridge"])
     assert rows == [], parity.table(rows)
 
@@ -138,6 +140,7 @@ def test_invalid_topologies_are_exactly_the_head_counts():
         ["rng.seed=42", "data.seed=7"],
         ["data.dataloader_type=cyclic"],
         ["precision=fp32"],
+        ["train.rerun_mode=validate_results"],
         ["kernels.bias_activation_fusion=true", "kernels.bias_dropout_fusion=true"],
         ["model=llama32_1b", "model.num_layers=2", "train.seq_length=1024"],
         [
@@ -221,6 +224,22 @@ def test_diff_catches_adam_beta2(mlm_default):
     rows = _mismatch(mlm_default, ["optim.adam_beta2=0.999"])
     assert set(rows) == {"optimizer.adam_beta2"}
     assert rows["optimizer.adam_beta2"][1:] == (0.95, 0.999)
+
+
+def test_rerun_mode_is_one_choice_for_stacks_whose_defaults_differ(mlm_default):
+    """On a NaN loss MLM's default reruns the iteration and saves, Bridge's fails at once: the unified
+    train.rerun_mode sets both, and the diff sees it."""
+    from unittest import mock
+
+    from megatron.bridge.training.config import RerunStateMachineConfig
+    from megatron.training import arguments
+
+    with mock.patch("sys.argv", ["pretrain_gpt.py"]):
+        assert arguments.parse_args().rerun_mode == "validate_results"
+    assert RerunStateMachineConfig().rerun_mode == "disabled"
+    assert mlm_default["rerun.rerun_mode"] == "disabled"
+    rows = _mismatch(mlm_default, ["train.rerun_mode=validate_results"])
+    assert set(rows) == {"rerun.rerun_mode"}
 
 
 def test_diff_catches_fusion_flags(mlm_default):
@@ -338,6 +357,22 @@ def test_parity_command_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "parity: all" in proc.stdout
     assert "fields are identical" in proc.stdout
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_parity_sweep_reports_each_point_and_fails_on_a_difference(tmp_path):
+    """One line per point under its overrides, on stdout alone; the exit status is 1 when a point differs; nothing
+    written (no sweep directory, no .hydra/)."""
+    proc = run_cli(
+        ["-m", "mode=parity", "parallel.tp=1,2", "backend=mlm", "backend.extra=choice([],[--adam-beta2,0.999])"],
+        tmp_path,
+        timeout=400,
+    )
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    headers = [line for line in proc.stdout.splitlines() if line.startswith("# [")]
+    assert len(headers) == 4 and headers[0] == "# [mode=parity parallel.tp=1 backend=mlm backend.extra=[]]", headers
+    assert proc.stdout.count("fields are identical") == 2 and proc.stdout.count("parity: 1 of") == 2, proc.stdout
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_one_iteration_run_translates_identically():

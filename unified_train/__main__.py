@@ -1,7 +1,8 @@
 """`python -m unified_train [overrides]`: one Hydra config, either Megatron stack, in-process.
 
 Every job of the command line is composed and checked first (no torch, no megatron, nothing written); problems
-are printed one per line and the exit code is 2. Then Hydra runs the job(s) through `app.run`.
+are printed one per line and the exit code is 2. Then Hydra runs the job(s) through `app.run`; the modes that only
+build native configs and print (parity, export) run here, with nothing written.
 """
 
 from __future__ import annotations
@@ -74,6 +75,10 @@ def main() -> None:
             sys.exit(2)
         if dry_run:
             return
+        if all(validate.writes_nothing(p.cfg.mode, p.launcher) for p in points):
+            from unified_train import app
+
+            sys.exit(app.build_natives(points))
     _hydra_main()
 
 

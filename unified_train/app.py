@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 
+from unified_train import config as C
 from unified_train import resources, resume, rundir
 from unified_train.results.metrics import process_seconds
 from unified_train.runtime import env, failures, ranks
@@ -16,18 +17,11 @@ def run(cfg) -> None:
     cfg = _what_runs(cfg)
     os.environ.update(env.process_env(cfg))  # before torch is imported: some settings are read at import
     ranks.adopt_slurm_ranks()  # before the world size is read: MLM reads RANK/WORLD_SIZE while parsing
-    builds_only = cfg.mode in ("parity", "export")  # native configs, no run directory of Hydra's
+    builds_only = cfg.mode in C.BUILDS_ONLY_MODES
     run_dir = cfg.run_dir if builds_only else cfg.run_dir or _hydra_output_dir()
     job = rundir.identity(cfg, world_size=resources.world_size(cfg), sweep_id=_sweep_id(), run_dir=run_dir)
-    if builds_only:
-        if cfg.mode == "parity":
-            from unified_train.modes import parity
-
-            return _finish(parity.main(cfg, job), job)
-        from unified_train.modes import export
-
-        print(export.render(cfg, job))
-        return
+    if builds_only:  # in a Slurm job (validate.writes_nothing): build_natives runs the others, without Hydra
+        return _finish(_build(cfg, job), job)
     problem = resume.guard(cfg, job.run_dir, rundir.output_dir_key(cfg, multirun=job.multirun))
     if problem:
         _refuse(problem)
@@ -44,6 +38,31 @@ def run(cfg) -> None:
 
     with failures.recorded(job):  # failure.json in the run directory, for the comparison (runtime/failures.py)
         training_job.run(cfg, job, task_started)
+
+
+def build_natives(points) -> int:
+    """mode=parity and mode=export for every job of the command line (validate.writes_nothing), in this process and
+    outside Hydra's job machinery, which would create a run directory, its .hydra/ record and a log file for output
+    that only goes to stdout (tests/test_export.py, tests/test_parity.py). The exit status: 1 if a
+    parity diff is not empty."""
+    status = 0
+    for point in points:
+        if len(points) > 1:  # a comment line: `mode=export -m ... > cmds.sh` stays a script
+            print(f"# [{' '.join(point.overrides)}]", flush=True)
+        job = rundir.identity(point.cfg, world_size=resources.world_size(point.cfg), run_dir=point.cfg.run_dir)
+        status = max(status, _build(point.cfg, job))
+    return status
+
+
+def _build(cfg, job: rundir.JobIdentity) -> int:
+    if cfg.mode == "parity":
+        from unified_train.modes import parity
+
+        return parity.main(cfg, job)
+    from unified_train.modes import export
+
+    print(export.render(cfg, job), flush=True)
+    return 0
 
 
 def _what_runs(cfg):

@@ -83,6 +83,7 @@ def check(cfg) -> list[str]:
         tokenizer,
         kernels,
         resume,
+        rerun,
         numerics,
     ):
         errors += concern(cfg)
@@ -351,6 +352,17 @@ def resume(cfg) -> list[str]:
             "give one of them, or leave it unset for the latest"
         ]
     return cross_stack(cfg, checkpoints)
+
+
+def rerun(cfg) -> list[str]:
+    """validate_results ends a job whose loss failed its check by saving a checkpoint to rerun from; with nothing to
+    save to, MLM fails there with a TypeError (megatron/training/checkpointing.py) in place of the check's message."""
+    if cfg.train.rerun_mode == "validate_results" and not cfg.checkpoint.save:
+        return [
+            "train.rerun_mode=validate_results saves a checkpoint when a loss fails its check, but checkpoint.save is "
+            "false: set checkpoint.save=true, or train.rerun_mode=disabled"
+        ]
+    return []
 
 
 def cross_stack(cfg, checkpoints: str) -> list[str]:

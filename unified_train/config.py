@@ -20,6 +20,8 @@ BACKEND_NAMES = ("mlm", "bridge")
 MODES = ("train", "parity", "export", "preflight", "numerics")
 # Modes that run a training job (a GPU, a run directory): numerics is one recorded iteration (modes/numerics.py).
 TRAINING_MODES = ("train", "numerics")
+# Modes that only build both native configs and print (no GPU, no process group): they write nothing.
+BUILDS_ONLY_MODES = ("parity", "export")
 
 
 def one_of(*allowed: str, default: str | None = None):
@@ -137,6 +139,11 @@ class TrainConfig:
     micro_batch_size: int = 4
     global_batch_size: int = 32
     seq_length: int = 512
+    # What both stacks do when a loss fails its NaN/Inf check (megatron-core's rerun state machine). disabled: the
+    # job fails at once, naming the check. validate_results: the iteration is run again in place, then the job saves
+    # a checkpoint and exits for a rerun elsewhere (so it needs checkpoint.save). MLM's default is validate_results,
+    # Bridge's is disabled; one choice here sets both.
+    rerun_mode: str = one_of("disabled", "validate_results")
 
 
 @dataclass

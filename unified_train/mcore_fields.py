@@ -150,6 +150,16 @@ def training(cfg) -> dict:
     )
 
 
+def rerun(cfg) -> dict:
+    """RerunStateMachineConfig fields: what a loss that fails its check does (config.TrainConfig.rerun_mode). The NaN
+    check of the loss follows the gradient's (ddp below), as MLM's one flag has it for both."""
+    return dict(
+        rerun_mode=cfg.train.rerun_mode,
+        check_for_nan_in_loss=ddp(cfg)["check_for_nan_in_grad"],
+        check_for_spiky_loss=False,
+    )
+
+
 def validation(cfg) -> dict:
     return dict(eval_interval=C.eval_interval(cfg), eval_iters=cfg.validation.eval_iters)
 
@@ -264,7 +274,7 @@ def checkpoint(cfg, job: rundir.JobIdentity) -> dict:
 
 # --- back from megatron-core field names to unified keys ----------------------------------------------------------
 
-_BY_CONFIG = (transformer, gpt, training, validation, optimizer, scheduler, ddp, dataset, tokenizer, rng)
+_BY_CONFIG = (transformer, gpt, training, rerun, validation, optimizer, scheduler, ddp, dataset, tokenizer, rng)
 _BY_JOB = (logger, checkpoint)
 
 

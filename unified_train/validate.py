@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf, open_dict
 
 from unified_train import checks, resources, resume, slurm
+from unified_train import config as C
 from unified_train.compose import compose
 
 
@@ -103,7 +104,7 @@ def validate(argv: list[str]) -> tuple[list[Point], list[str]]:
         else:
             hcfg = compose(base, config_dir=config_dir, config_name=config_name, with_hydra=True)
         combos = sweep_choices(base, sweeper_params) if args.multirun else [base]
-        taken = _output_dir_problems(hcfg, args.multirun)
+        taken = [] if writes_nothing(hcfg.mode, launcher) else _output_dir_problems(hcfg, args.multirun)
     except Exception as exc:  # noqa: BLE001 -- any composition problem is a user error here
         return [], [_one_line(exc)]
     single = None if args.multirun else _without_hydra(hcfg)  # a single run's job config: no second compose
@@ -122,6 +123,12 @@ def validate(argv: list[str]) -> tuple[list[Point], list[str]]:
         label = f"[{' '.join(combo)}] " if args.multirun and len(combos) > 1 else ""
         errors += [label + e for e in point.errors]
     return points, errors + taken
+
+
+def writes_nothing(mode: str, launcher: dict | None) -> bool:
+    """A job that only builds native configs and prints, in this process (not through a Slurm launcher): __main__
+    runs it without Hydra, so there is no output directory to check or write (app.build_natives)."""
+    return mode in C.BUILDS_ONLY_MODES and not slurm.is_slurm(launcher)
 
 
 def _without_hydra(hcfg):

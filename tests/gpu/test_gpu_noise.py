@@ -57,14 +57,16 @@ def test_moe_pair_is_within_noise_with_repeats(tmp_path):
 
 def test_a_pair_whose_jobs_fail_at_run_time_is_reported(tmp_path):
     """A learning rate that sends the loss to NaN: both stacks stop the job (their NaN check), after the up-front
-    checks passed. The comparison still gets written, naming each failed job and why, and the multirun fails."""
+    checks passed. The comparison still gets written, naming each failed job and why, and the multirun fails.
+    Both failures are the NaN check's own (train.rerun_mode=disabled on both stacks), not a later error."""
     code, report, dirs = _multirun(
         tmp_path, "nan_pair", "optim.lr=1e9", "optim.min_lr=0", "logger=none", "checkpoint=none"
     )
     assert code != 0
     assert "## failed jobs" in report and "mlm failed" in report and "bridge failed" in report, report
     for job_dir in dirs.values():
-        assert (job_dir / rundir.FAILURE).exists()
+        failure = rundir.read_failure(str(job_dir))
+        assert failure is not None and "NaN" in failure["message"], failure
 
 
 def test_moe_pair_under_strict_determinism_is_exact(tmp_path):

@@ -18,6 +18,7 @@ from unified_train.backends.describe import (
     CHECKPOINT_FIELDS,
     DATASET_FIELDS,
     GPT_FIELDS,
+    RERUN_FIELDS,
     dataclass_fields,
     flatten,
     plain,
@@ -72,6 +73,7 @@ def build_container(cfg, job: JobIdentity):
         GPTDatasetConfig,
         LoggerConfig,
         OptimizerConfig,
+        RerunStateMachineConfig,
         RNGConfig,
         SchedulerConfig,
         TokenizerConfig,
@@ -89,6 +91,7 @@ def build_container(cfg, job: JobIdentity):
     container = ConfigContainer(
         model=_model_provider(cfg, job),
         train=TrainingConfig(**mcore_fields.training(cfg)),
+        rerun_state_machine=RerunStateMachineConfig(**mcore_fields.rerun(cfg)),
         validation=ValidationConfig(**mcore_fields.validation(cfg)),
         optimizer=OptimizerConfig(**optim, bf16=dtype == "bf16", fp16=dtype == "fp16"),
         scheduler=SchedulerConfig(**mcore_fields.scheduler(cfg)),
@@ -210,6 +213,7 @@ def mcore_fields_snapshot(native: Native) -> dict[str, object]:
                 "end_weight_decay",
             ),
         ),
+        ("rerun_state_machine", c.rerun_state_machine, tuple(RERUN_FIELDS)),
         ("ddp", c.ddp, ("use_distributed_optimizer",)),
         ("dataset", c.dataset, ("random_seed", "dataloader_type")),
         ("tokenizer", c.tokenizer, ("tokenizer_type", "vocab_size")),
@@ -328,6 +332,7 @@ class BridgeBackend:
             }
         )
         out.update(flatten("checkpoint", c.checkpoint, (*CHECKPOINT_FIELDS, "load_rng", "load_optim")))
+        out.update(flatten("rerun", c.rerun_state_machine, RERUN_FIELDS))
         out.update(
             schedule_trace(
                 lambda opt: _get_scheduler(c.optimizer, c.scheduler, opt),

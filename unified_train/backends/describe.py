@@ -102,6 +102,9 @@ GPT_FIELDS = (
 # megatron-core CheckpointConfig fields both stacks carry by these names (plus load_rng/load_optim, which MLM spells
 # --no-load-rng/--no-load-optim).
 CHECKPOINT_FIELDS = ("save", "save_interval", "load", "ckpt_step", "ckpt_format")
+# megatron.training's RerunStateMachineConfig fields, which Bridge's subclass keeps and MLM's flags set (MLM ties the
+# loss's NaN check to --check-for-nan-in-loss-and-grad).
+RERUN_FIELDS = ("rerun_mode", "check_for_nan_in_loss", "check_for_spiky_loss", "error_injection_rate")
 DATASET_FIELDS = (
     "random_seed",
     "blend",

@@ -17,6 +17,7 @@ from unified_train.backends.describe import (
     CHECKPOINT_FIELDS,
     DATASET_FIELDS,
     GPT_FIELDS,
+    RERUN_FIELDS,
     dataclass_fields,
     flatten,
     plain,
@@ -117,6 +118,9 @@ class MLMBackend:
             }
         )
         out.update({f"checkpoint.{f}": getattr(args, f) for f in CHECKPOINT_FIELDS})
+        # One MLM flag checks both the loss and the gradients for NaN.
+        rerun = dict(vars(args), check_for_nan_in_loss=args.check_for_nan_in_loss_and_grad)
+        out.update({f"rerun.{f}": rerun[f] for f in RERUN_FIELDS})
 
         def make_scheduler(optimizer):
             previous = global_vars._GLOBAL_ARGS

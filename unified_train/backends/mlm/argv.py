@@ -116,6 +116,8 @@ def build_argv(cfg, job: JobIdentity) -> list[str]:
     )
 
     values.update(mcore_fields.training(cfg))
+    rerun = mcore_fields.rerun(cfg)
+    values.update(rerun_mode=rerun["rerun_mode"], check_for_spiky_loss=rerun["check_for_spiky_loss"])
     values.update(mcore_fields.validation(cfg))
     values.update({k: v for k, v in mcore_fields.optimizer(cfg).items() if k != "optimizer"})
     values["optimizer"] = cfg.optim.name
@@ -130,7 +132,7 @@ def build_argv(cfg, job: JobIdentity) -> list[str]:
         overlap_grad_reduce=ddp["overlap_grad_reduce"],
         overlap_param_gather=ddp["overlap_param_gather"],
         align_param_gather=ddp["align_param_gather"],
-        check_for_nan_in_loss_and_grad=ddp["check_for_nan_in_grad"],
+        check_for_nan_in_loss_and_grad=ddp["check_for_nan_in_grad"],  # and rerun's check_for_nan_in_loss
     )
     data = mcore_fields.dataset(cfg)
     values.update(
