@@ -79,14 +79,24 @@ BAD_INPUTS = {
     "more GPUs per node than the host": (["mode=train", "parallel.gpus_per_node=8"], "parallel.gpus_per_node=8", "gpu"),
     "world above the GPUs": (["mode=train", "parallel.dp=2"], "parallel.tp*pp*cp*dp = 2 GPUs but 1", "gpu"),
     "model above the GPU's memory": (["mode=train", "model=llama3_8b"], "model.name=llama3_8b: weights", "gpu"),
-    # Output directories that cannot be made: a path under a regular file, a read-only directory.
-    "run dir under a file": (["hydra.run.dir={file}/run"], "hydra.run.dir={file}/run: cannot be created"),
+    # Output directories that cannot be made (parity and export write none): under a regular file, read-only.
+    "run dir under a file": (
+        ["mode=preflight", "hydra.run.dir={file}/run"],
+        "hydra.run.dir={file}/run: cannot be created",
+    ),
     "sweep dir under a file": (
-        ["-m", "backend=mlm,bridge", "hydra.sweep.dir={file}/sweep"],
+        ["-m", "backend=mlm,bridge", "mode=preflight", "hydra.sweep.dir={file}/sweep"],
         "hydra.sweep.dir={file}/sweep: cannot be created",
     ),
     "run_dir is a file": (["mode=preflight", "run_dir={file}"], "run_dir={file}: cannot be created"),
-    "run dir read-only": (["hydra.run.dir={read_only}/run"], "hydra.run.dir={read_only}/run: cannot be created"),
+    "run dir where no directory can be made": (
+        ["mode=preflight", "hydra.run.dir=/proc/unified_train/run"],
+        "hydra.run.dir=/proc/unified_train/run: cannot be created",
+    ),
+    "run dir read-only": (
+        ["mode=preflight", "hydra.run.dir={read_only}/run"],
+        "hydra.run.dir={read_only}/run: cannot be created",
+    ),
     # Sizes, rates and fractions out of range.
     "pp 0": (["parallel.pp=0"], "parallel.pp=0: must be > 0"),
     "cp 0": (["parallel.cp=0"], "parallel.cp=0: must be > 0"),
@@ -150,7 +160,10 @@ BAD_INPUTS = {
         ["train.rerun_mode=validate_results", "checkpoint=none"],
         "train.rerun_mode=validate_results saves a checkpoint",
     ),
-    "resume always from nothing": (["checkpoint.resume=always"], "checkpoint.resume=always: no checkpoint"),
+    "resume always from nothing": (
+        ["mode=preflight", "checkpoint.resume=always"],
+        "checkpoint.resume=always: no checkpoint",
+    ),
     "numerics continuing a run": (["mode=numerics", "checkpoint.resume=if_available"], "checkpoint.resume=if_avail"),
     # hydra/launcher=slurm: checked on the submitting host, which needs no GPU.
     "Slurm without GPUs per node": (["-m", "hydra/launcher=slurm"], "parallel.gpus_per_node is unset"),

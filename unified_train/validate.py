@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import os
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,7 +105,7 @@ def validate(argv: list[str]) -> tuple[list[Point], list[str]]:
         else:
             hcfg = compose(base, config_dir=config_dir, config_name=config_name, with_hydra=True)
         combos = sweep_choices(base, sweeper_params) if args.multirun else [base]
-        taken = [] if writes_nothing(hcfg.mode, launcher) else _output_dir_problems(hcfg, args.multirun)
+        taken = _output_dir_problems(hcfg, args.multirun)  # for jobs that write (below)
     except Exception as exc:  # noqa: BLE001 -- any composition problem is a user error here
         return [], [_one_line(exc)]
     single = None if args.multirun else _without_hydra(hcfg)  # a single run's job config: no second compose
@@ -122,6 +123,8 @@ def validate(argv: list[str]) -> tuple[list[Point], list[str]]:
         points.append(point)
         label = f"[{' '.join(combo)}] " if args.multirun and len(combos) > 1 else ""
         errors += [label + e for e in point.errors]
+    if all(p.cfg is not None and writes_nothing(p.cfg.mode, launcher) for p in points):
+        return points, errors
     return points, errors + taken
 
 
@@ -168,7 +171,8 @@ def _output_dir_problems(hcfg, multirun: bool) -> list[str]:
 def unwritable_dir(path: str, key: str) -> str | None:
     """An output directory that could not be created or written (else a PermissionError or NotADirectoryError
     traceback once Hydra starts): judged at the nearest part of the path that exists, where it would be made.
-    os.access also answers a read-only file system for root, who passes every permission check."""
+    os.access also answers a read-only file system for root, who passes every permission check; a file system that
+    refuses new directories all the same (/proc, /sys) is found by making one there and removing it at once."""
     path = os.path.abspath(path)
     existing = path
     while not os.path.exists(existing):
@@ -177,8 +181,14 @@ def unwritable_dir(path: str, key: str) -> str | None:
         why = f"{existing} is a file, not a directory"
     elif not os.access(existing, os.W_OK | os.X_OK):
         why = f"{existing} is not writable"
-    else:
+    elif existing == path:
         return None
+    else:
+        try:
+            os.rmdir(tempfile.mkdtemp(dir=existing, prefix=".unified_train_probe_"))
+            return None
+        except OSError as exc:
+            why = f"{existing} takes no new directory ({exc.strerror})"
     return f"{key}={path}: cannot be created or written, {why}: choose a writable {key}"
 
 

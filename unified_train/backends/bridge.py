@@ -213,7 +213,7 @@ def mcore_fields_snapshot(native: Native) -> dict[str, object]:
                 "end_weight_decay",
             ),
         ),
-        ("rerun_state_machine", c.rerun_state_machine, tuple(RERUN_FIELDS)),
+        ("rerun_state_machine", c.rerun_state_machine, RERUN_FIELDS),
         ("ddp", c.ddp, ("use_distributed_optimizer",)),
         ("dataset", c.dataset, ("random_seed", "dataloader_type")),
         ("tokenizer", c.tokenizer, ("tokenizer_type", "vocab_size")),
