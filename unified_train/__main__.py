@@ -75,7 +75,7 @@ def main() -> None:
             sys.exit(2)
         if dry_run:
             return
-        if all(validate.writes_nothing(p.cfg.mode, p.launcher) for p in points):
+        if validate.write_nothing(points):
             from unified_train import app
 
             sys.exit(app.build_natives(points))

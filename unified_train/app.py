@@ -20,7 +20,7 @@ def run(cfg) -> None:
     builds_only = cfg.mode in C.BUILDS_ONLY_MODES
     run_dir = cfg.run_dir if builds_only else cfg.run_dir or _hydra_output_dir()
     job = rundir.identity(cfg, world_size=resources.world_size(cfg), sweep_id=_sweep_id(), run_dir=run_dir)
-    if builds_only:  # in a Slurm job (validate.writes_nothing): build_natives runs the others, without Hydra
+    if builds_only:  # in a Slurm job (validate.write_nothing): build_natives runs the others, without Hydra
         return _finish(_build(cfg, job), job)
     problem = resume.guard(cfg, job.run_dir, rundir.output_dir_key(cfg, multirun=job.multirun))
     if problem:
@@ -41,7 +41,7 @@ def run(cfg) -> None:
 
 
 def build_natives(points) -> int:
-    """mode=parity and mode=export for every job of the command line (validate.writes_nothing), in this process and
+    """mode=parity and mode=export for every job of the command line (validate.write_nothing), in this process and
     outside Hydra's job machinery, which would create a run directory, its .hydra/ record and a log file for output
     that only goes to stdout (tests/test_export.py, tests/test_parity.py). The exit status: 1 if a
     parity diff is not empty."""

@@ -6,6 +6,7 @@ the key and the fix, and the process exits with 2 before Hydra creates an output
 
 from __future__ import annotations
 
+import copy
 import itertools
 import os
 import re
@@ -105,7 +106,6 @@ def validate(argv: list[str]) -> tuple[list[Point], list[str]]:
         else:
             hcfg = compose(base, config_dir=config_dir, config_name=config_name, with_hydra=True)
         combos = sweep_choices(base, sweeper_params) if args.multirun else [base]
-        taken = _output_dir_problems(hcfg, args.multirun)  # for jobs that write (below)
     except Exception as exc:  # noqa: BLE001 -- any composition problem is a user error here
         return [], [_one_line(exc)]
     single = None if args.multirun else _without_hydra(hcfg)  # a single run's job config: no second compose
@@ -123,22 +123,29 @@ def validate(argv: list[str]) -> tuple[list[Point], list[str]]:
         points.append(point)
         label = f"[{' '.join(combo)}] " if args.multirun and len(combos) > 1 else ""
         errors += [label + e for e in point.errors]
-    if all(p.cfg is not None and writes_nothing(p.cfg.mode, launcher) for p in points):
-        return points, errors
-    return points, errors + taken
+    if write_nothing(points):
+        return points, errors  # no output directory to check (its probe would write one)
+    try:
+        return points, errors + _output_dir_problems(hcfg, args.multirun)
+    except Exception as exc:  # noqa: BLE001 -- as the composition above: a user error
+        return [], [_one_line(exc)]
 
 
-def writes_nothing(mode: str, launcher: dict | None) -> bool:
-    """A job that only builds native configs and prints, in this process (not through a Slurm launcher): __main__
-    runs it without Hydra, so there is no output directory to check or write (app.build_natives)."""
-    return mode in C.BUILDS_ONLY_MODES and not slurm.is_slurm(launcher)
+def write_nothing(points: list[Point]) -> bool:
+    """Every job only builds native configs and prints, in this process (not through a Slurm launcher): __main__
+    runs them without Hydra, so there is no output directory to check or write (app.build_natives)."""
+    return all(p.cfg is not None and p.cfg.mode in C.BUILDS_ONLY_MODES for p in points) and not any(
+        slurm.is_slurm(p.launcher) for p in points
+    )
 
 
 def _without_hydra(hcfg):
-    """The job's config from a compose that returned the Hydra node too, as Hydra's compose strips it."""
-    with open_dict(hcfg):
-        del hcfg["hydra"]
-    return hcfg
+    """The job's config from a compose that returned the Hydra node too, as Hydra's compose strips it (a copy: the
+    output-directory checks read the Hydra node afterwards)."""
+    job = copy.deepcopy(hcfg)
+    with open_dict(job):
+        del job["hydra"]
+    return job
 
 
 def _output_dir_problems(hcfg, multirun: bool) -> list[str]:
